@@ -1,0 +1,13 @@
+"""The pack's nodes, as one V3 extension."""
+from comfy_api.latest import ComfyExtension, io
+
+from .apply_pladis import ApplyPLADIS
+
+
+class PladisExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [ApplyPLADIS]
+
+
+async def comfy_entrypoint() -> PladisExtension:
+    return PladisExtension()

@@ -1,0 +1,72 @@
+"""alpha-entmax for inference, without sorting.
+
+    entmax_alpha(z)_i = [(alpha - 1) z_i - tau]_+ ^ (1 / (alpha - 1)),   sum_i p_i = 1
+
+tau is the root of a decreasing convex function. We run Newton's method on
+
+    phi(tau) = || [(alpha - 1) z - tau]_+ ||_beta - 1,        beta = 1 / (alpha - 1)
+
+from the lower bound tau = max - 1. phi is convex (a norm of convex functions) and
+decreasing, so Newton from the left never overshoots, and it is nearly linear in tau,
+so a few steps reach float precision for every alpha; at alpha = 2 (sparsemax) phi is
+piecewise linear and Newton lands exactly on tau once the support is found.
+"""
+import torch
+
+MAX_NEWTON_STEPS = 50
+
+
+def softmax(z, dim=-1):
+    """Softmax that maps a row of all -inf to zeros rather than NaN."""
+    m = _finite_max(z, dim)
+    e = torch.exp(z - m)
+    return e / e.sum(dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def entmax(z, alpha=1.5, dim=-1):
+    """alpha-entmax of z along dim, for 1 <= alpha <= 2 (alpha = 1 is softmax).
+
+    Computed in float32 (or float64 for float64 input) and returned in that dtype.
+    Keys at -inf get exactly zero; a row of all -inf gives zeros.
+    """
+    if not 1.0 <= alpha <= 2.0:
+        raise ValueError(f"entmax alpha must lie in [1, 2], got {alpha}")
+    z = z.float() if z.dtype != torch.float64 else z
+    if alpha == 1.0:
+        return softmax(z, dim)
+    x = (alpha - 1.0) * (z - _finite_max(z, dim))
+    beta = 1.0 / (alpha - 1.0)
+    p = _clamped_power((x - entmax_threshold(x, beta, dim)).clamp_min(0), beta)
+    return p / p.sum(dim, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+
+
+def entmax_threshold(x, beta, dim=-1):
+    """tau with sum_i [x_i - tau]_+^beta = 1, for x shifted so that max x = 0."""
+    tiny = torch.finfo(x.dtype).tiny
+    tau = torch.full_like(x.narrow(dim, 0, 1), -1.0)
+    for _ in range(MAX_NEWTON_STEPS):
+        s = (x - tau).clamp_min(0)
+        s_pow = _clamped_power(s, beta - 1.0)  # d/dtau of s^beta, up to the factor beta
+        total = (s_pow * s).sum(dim, keepdim=True)
+        norm = total ** (1.0 / beta)
+        step = (norm - 1.0) * norm ** (beta - 1.0) / s_pow.sum(dim, keepdim=True).clamp_min(tiny)
+        # Monotone from the left: once no row moves forward, tau is as exact as float allows.
+        if not bool((step > 0).any()):
+            break
+        tau = tau + step.clamp_min(0)
+    return tau
+
+
+def _clamped_power(s, exponent):
+    """s^exponent for s >= 0, with 0^0 = 0 so that only the support counts."""
+    if exponent == 0.0:
+        return (s > 0).to(s.dtype)
+    if exponent == 1.0:
+        return s
+    return s ** exponent
+
+
+def _finite_max(z, dim):
+    """Row maximum, with 0 in place of -inf so that fully masked rows stay finite."""
+    m = z.amax(dim, keepdim=True)
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -1,0 +1,158 @@
+"""pladis_core against the entmax package and a float64 reference; no ComfyUI needed."""
+import pytest
+import torch
+
+from pladis_core import attention
+from pladis_core.attention import chunked_attention, pladis_attention, pladis_residual, pladis_weights
+from pladis_core.entmax import entmax, softmax
+from reference import entmax_ref, logits_ref, pladis_ref
+
+ALPHAS = [1.1, 1.25, 1.5, 1.75, 2.0]
+SHAPES = [(7,), (3, 77), (2, 4, 33, 77), (5, 1000), (4, 1)]
+
+
+def randn(*shape, scale=1.0, seed=0, dtype=torch.float32):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spread", [0.5, 4.0, 30.0])
+def test_entmax_matches_entmax_package(alpha, shape, spread):
+    z = randn(*shape, scale=spread, seed=len(shape))
+    p = entmax(z, alpha)
+    assert p.dtype == torch.float32
+    assert (p - entmax_ref(z, alpha)).abs().max() < 1e-5
+    assert torch.allclose(p.sum(-1), torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_entmax_is_sparse_where_the_package_is(alpha):
+    z = randn(64, 77, scale=5.0)
+    assert torch.equal(entmax(z, alpha) > 0, entmax_ref(z, alpha) > 0)
+
+
+def test_alpha_one_is_softmax():
+    z = randn(6, 77, scale=3.0)
+    assert torch.allclose(entmax(z, 1.0), torch.softmax(z, -1), atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_entmax_of_half_inputs_is_float32(dtype, alpha):
+    z = randn(16, 77, scale=8.0, dtype=dtype)
+    p = entmax(z, alpha)
+    assert p.dtype == torch.float32
+    assert (p - entmax_ref(z.float(), alpha)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.25, 1.5, 2.0])
+def test_masked_keys_get_zero_and_masked_rows_give_zeros(alpha):
+    z = randn(4, 10, scale=3.0)
+    z[1] = float("-inf")
+    z[2, :7] = float("-inf")
+    p = entmax(z, alpha)
+    assert not p.isnan().any()
+    assert torch.equal(p[1], torch.zeros(10))
+    assert torch.equal(p[2, :7], torch.zeros(7))
+    assert (p - entmax_ref(z, alpha)).abs().max() < 1e-5
+
+
+def test_entmax_refuses_alpha_outside_its_range():
+    with pytest.raises(ValueError, match=r"\[1, 2\]"):
+        entmax(randn(3, 4), 2.5)
+
+
+def qkv(b=2, h=3, n=40, m=77, d=16, dtype=torch.float32, scale=1.0, seed=0):
+    return tuple(randn(b, h, length, d, scale=scale, seed=seed + i, dtype=dtype) for i, length in enumerate((n, m, m)))
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.0, -1.0, 5.0])
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+@pytest.mark.parametrize("shape", [(2, 3, 40, 77, 16), (1, 8, 64, 154, 8), (3, 1, 5, 1, 4)])
+def test_pladis_attention_matches_float64_reference(scale, alpha, shape):
+    b, h, n, m, d = shape
+    q, k, v = qkv(b, h, n, m, d, scale=2.0)
+    out = pladis_attention(q, k, v, scale, alpha)
+    ref = pladis_ref(q, k, v, scale, alpha)
+    assert out.dtype == q.dtype and out.shape == (b, h, n, d)
+    assert (out.double() - ref).abs().max() < 1e-5 * (1 + abs(scale))
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_pladis_attention_with_masks(kind):
+    q, k, v = qkv(n=20, m=30, scale=2.0)
+    keep = torch.rand(2, 1, 20, 30, generator=torch.Generator().manual_seed(3)) > 0.4
+    keep[0, 0, 5] = False  # a query row with every key masked
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    out = pladis_attention(q, k, v, 2.0, 1.5, mask=mask)
+    ref = pladis_ref(q, k, v, 2.0, 1.5, mask=keep)
+    assert not out.isnan().any()
+    assert torch.equal(out[0, :, 5], torch.zeros_like(out[0, :, 5]))
+    assert (out.double() - ref).abs().max() < 3e-5
+
+
+def test_masked_keys_get_exactly_zero_weight_in_both_maps():
+    z = logits_ref(*qkv(b=1, h=1, n=8, m=12)[:2]).float()
+    z[..., 3] = float("-inf")
+    w = pladis_weights(z, 2.0, 1.5)
+    assert torch.equal(w[..., 3], torch.zeros_like(w[..., 3]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_do_not_overflow(dtype):
+    # q.k reaches 64 * 300 * 300 = 5.8e6, far beyond float16's 65504.
+    q, k, v = qkv(n=16, m=77, d=64, dtype=dtype)
+    q, k = q * 0 + 300, k.abs() * 300
+    out = pladis_attention(q.to(dtype), k.to(dtype), v, 2.0, 1.5)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref = pladis_ref(q.float(), k.float(), v.float(), 2.0, 1.5)
+    assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_half_inputs_match_reference():
+    q, k, v = qkv(n=32, m=77, dtype=torch.float16, scale=2.0)
+    out = pladis_attention(q, k, v, 2.0, 1.5)
+    ref = pladis_ref(q, k, v, 2.0, 1.5)
+    assert (out.double() - ref).abs().max() < 1e-2
+
+
+def test_residual_is_what_pladis_adds_to_dense():
+    q, k, v = qkv(scale=2.0)
+    dense = pladis_attention(q, k, v, 0.0, 1.5)
+    assert torch.allclose(dense + pladis_residual(q, k, v, 2.0, 1.5), pladis_attention(q, k, v, 2.0, 1.5), atol=1e-5)
+    assert torch.allclose(dense, torch.softmax(logits_ref(q, k), -1).float() @ v, atol=2e-5)
+
+
+def test_scale_zero_does_no_entmax_work(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("entmax called")
+
+    monkeypatch.setattr(attention, "entmax", fail)
+    q, k, v = qkv()
+    assert torch.allclose(pladis_attention(q, k, v, 0.0, 1.5), pladis_ref(q, k, v, 0.0, 1.5).float(), atol=1e-6)
+    with pytest.raises(AssertionError, match="entmax called"):
+        pladis_attention(q, k, v, 1.0, 1.5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 50_000, 10**9])
+def test_chunks_cap_the_logits_and_do_not_change_the_result(chunk_bytes):
+    q, k, v = qkv(b=2, h=4, n=300, m=77, scale=2.0)
+    seen = []
+
+    def weights(z):
+        seen.append(z.shape)
+        return pladis_weights(z, 2.0, 1.5)
+
+    out = chunked_attention(q, k, v, weights, chunk_bytes=chunk_bytes)
+    assert torch.allclose(out, pladis_attention(q, k, v, 2.0, 1.5), atol=1e-5)
+    assert sum(shape[-2] for shape in seen) == 300
+    # The float32 buffers alive for one chunk stay within the budget (one query row at least).
+    biggest = max(s[0] * s[1] * s[2] * s[3] for s in seen) * 4 * attention._LIVE_LOGIT_BUFFERS
+    assert biggest <= max(chunk_bytes, 2 * 4 * 77 * 4 * attention._LIVE_LOGIT_BUFFERS)
+    assert (len(seen) == 1) == (chunk_bytes == 10**9)
+
+
+def test_softmax_of_fully_masked_row_is_zero():
+    z = torch.full((2, 5), float("-inf"))
+    assert torch.equal(softmax(z), torch.zeros(2, 5))

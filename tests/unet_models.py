@@ -1,0 +1,88 @@
+"""Small SD1.5- and SDXL-architecture UNets built from ComfyUI's own classes, with random weights."""
+import math
+
+import torch
+
+# The real architectures' block structure (which blocks hold how many transformers),
+# at small widths so that sampling on a CPU takes seconds.
+SMALL_UNETS = {
+    "sd15": {
+        "config": "SD15",
+        "unet": {
+            "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+            "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
+            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
+            "use_linear_in_transformer": False, "context_dim": 64, "num_heads": 8, "num_head_channels": -1,
+            "use_temporal_attention": False, "use_temporal_resblock": False,
+        },
+        "context_dim": 64,
+        "pooled_dim": None,
+    },
+    "sdxl": {
+        "config": "SDXL",
+        "unet": {
+            "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+            "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential", "adm_in_channels": 64 + 6 * 256,
+            "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "channel_mult": [1, 2, 4],
+            "use_linear_in_transformer": True, "context_dim": 96, "num_head_channels": 16,
+            "use_temporal_attention": False, "use_temporal_resblock": False,
+        },
+        "context_dim": 96,
+        "pooled_dim": 64,
+    },
+}
+
+
+def build_unet(kind, seed=0):
+    """A ModelPatcher around a small UNet of the given architecture, weights drawn from seed."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    spec = SMALL_UNETS[kind]
+    model_config = getattr(comfy.supported_models, spec["config"])(dict(spec["unet"], dtype=torch.float32))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def init_weights(module, seed):
+    """ComfyUI leaves weights uninitialised: draw them, scaled so activations keep unit size."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() >= 2:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
+            elif name.endswith("weight"):  # norms
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def conditioning(kind, seed, tokens=77, batch=1):
+    """[[context, extras]] as ComfyUI's samplers take it."""
+    spec = SMALL_UNETS[kind]
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn(batch, tokens, spec["context_dim"], generator=gen)
+    extras = {}
+    if spec["pooled_dim"]:
+        extras["pooled_output"] = torch.randn(batch, spec["pooled_dim"], generator=gen)
+    return [[context, extras]]
+
+
+def sample(model, kind="sd15", steps=3, cfg=5.0, sampler="euler", scheduler="normal", size=32, seed=0, batch=1, **kwargs):
+    """The final latent of a real KSampler run (comfy.sample.sample) on fixed noise and prompts."""
+    import comfy.sample
+
+    latent = torch.zeros(batch, 4, size // 8, size // 8)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    positive, negative = conditioning(kind, seed + 1, batch=batch), conditioning(kind, seed + 2, batch=batch)
+    with torch.inference_mode():  # as ComfyUI runs its nodes
+        return comfy.sample.sample(
+            model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed, disable_pbar=True, **kwargs
+        )
