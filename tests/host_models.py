@@ -1,4 +1,4 @@
-"""Small SD1.5- and SDXL-architecture UNets built from ComfyUI's own classes, with random weights."""
+"""Small models built from ComfyUI's own classes with random weights, and real sampling runs."""
 import math
 
 import torch
@@ -46,6 +46,26 @@ def build_unet(kind, seed=0):
     model = model_config.get_model({})
     init_weights(model.diffusion_model, seed)
     model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+# A Flux-architecture transformer (double and single stream blocks) at toy size.
+SMALL_FLUX = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 32, "context_in_dim": 32,
+    "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 4, "depth": 1, "depth_single_blocks": 1, "axes_dim": [4, 6, 6],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
+}
+
+
+def build_flux(seed=0):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    model_config = comfy.supported_models.Flux(dict(SMALL_FLUX, dtype=torch.float32))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
