@@ -27,6 +27,8 @@ SKIPPED = {"extra_model_paths.yaml"}
 # torch comes from our own pin; the UI packages only matter to the server.
 SERVER_ONLY = ("comfyui-frontend-package", "comfyui-workflow-templates", "comfyui-embedded-docs")
 NOT_INSTALLED = ("torch", "torchvision", "torchaudio")
+# ComfyUI's server imports requests without listing it (transformers no longer brings it).
+SERVER_EXTRAS = ("requests",)
 
 
 def is_comfyui(path):
@@ -83,6 +85,8 @@ def requirements(server):
         if not req or name.lower() in NOT_INSTALLED or (not server and name.lower() in SERVER_ONLY):
             continue
         yield req
+    if server:
+        yield from SERVER_EXTRAS
 
 
 def link_pack():
