@@ -51,9 +51,10 @@ def entmax_threshold(x, beta, dim=-1):
         norm = total ** (1.0 / beta)
         step = (norm - 1.0) * norm ** (beta - 1.0) / s_pow.sum(dim, keepdim=True).clamp_min(tiny)
         # Monotone from the left: once no row moves forward, tau is as exact as float allows.
-        if not bool((step > 0).any()):
+        moved = tau + step.clamp_min(0)
+        if not bool((moved > tau).any()):
             break
-        tau = tau + step.clamp_min(0)
+        tau = moved
     return tau
 
 
