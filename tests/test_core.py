@@ -156,3 +156,27 @@ def test_chunks_cap_the_logits_and_do_not_change_the_result(chunk_bytes):
 def test_softmax_of_fully_masked_row_is_zero():
     z = torch.full((2, 5), float("-inf"))
     assert torch.equal(softmax(z), torch.zeros(2, 5))
+
+
+def peak_allocated_bytes(fn):
+    """Peak of the CPU memory that fn's torch operations hold at once, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def test_peak_memory_stays_within_the_chunk_budget():
+    q, k, v = qkv(b=2, h=10, n=2048, m=77, d=64)
+    logits = 2 * 10 * 2048 * 77 * 4
+    fixed = q.numel() * 4 + k.numel() * 4  # the output, and k in float32 for the logits
+    unchunked = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, 1.5, chunk_bytes=10**12)) - fixed
+    assert unchunked > 5 * logits  # several logit-sized buffers live at once without chunks
+    for budget in (2 * 2**20, 8 * 2**20):
+        extra = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, 1.5, chunk_bytes=budget)) - fixed
+        assert extra <= budget
