@@ -68,11 +68,12 @@ class ApplyPLADIS(io.ComfyNode):
         settings = PladisSettings(float(scale), float(alpha), sigma_start, sigma_end)
 
         m = model.clone()
-        count = register_attn2_patches(m, chosen, settings, optimized_attention)
+        count, reverted = register_attn2_patches(m, chosen, settings, optimized_attention)
         effect = "no change (scale 0 or alpha 1 is plain attention)" if settings.is_identity else f"scale {scale}, alpha {alpha}"
+        earlier = f"; {reverted} layers an earlier Apply PLADIS patched are plain again" if reverted else ""
         logging.info(
             f"Apply PLADIS: patched {count} cross-attention layers in {describe_blocks(chosen)} of {model_type_name(model)}: "
-            f"{effect}, steps {start_percent:.0%}-{end_percent:.0%}"
+            f"{effect}, steps {start_percent:.0%}-{end_percent:.0%}{earlier}"
         )
         return io.NodeOutput(m)
 

@@ -155,21 +155,28 @@ def register_attn2_patches(model, blocks, settings, dense_attention):
     The key follows the convention of the IPAdapter family so that their add() finds us:
     (stage, number) where the block holds one transformer, (stage, number, index) otherwise,
     and always the key the host would look up first if another pack already used it.
-    Returns the number of layers patched.
+    Layers an earlier Apply PLADIS patched outside these blocks go back to plain attention,
+    keeping what it had chained, so that the later node's settings are the whole truth.
+    Returns (layers patched, layers returned to plain attention).
     """
     replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    count = 0
+    written = set()
     for (stage, number), depth in blocks.items():
         for index in range(depth):
             long_key, short_key = (stage, number, index), (stage, number)
             key = long_key if depth > 1 or long_key in replaced else short_key
-            previous = replaced.get(long_key, replaced.get(short_key))
-            if isinstance(previous, PladisAttn2):  # applied again: the new settings win
-                inner, callbacks = previous.inner, previous.callbacks
-            else:
-                inner, callbacks = previous, ()
-            patch = PladisAttn2(settings, dense_attention, inner, callbacks)
-            model.set_model_attn2_replace(patch, stage, number, key[2] if len(key) == 3 else None)
-            count += 1
-    return count
+            _replace(model, key, replaced.get(long_key, replaced.get(short_key)), settings, dense_attention)
+            written.add(key)
+    stale = [key for key, patch in replaced.items() if isinstance(patch, PladisAttn2) and key not in written]
+    for key in stale:
+        _replace(model, key, replaced[key], PladisSettings(0.0, settings.alpha), dense_attention)
+    return len(written), len(stale)
 
+
+def _replace(model, key, previous, settings, dense_attention):
+    if isinstance(previous, PladisAttn2):  # applied again: the new settings win
+        inner, callbacks = previous.inner, previous.callbacks
+    else:
+        inner, callbacks = previous, ()
+    patch = PladisAttn2(settings, dense_attention, inner, callbacks)
+    model.set_model_attn2_replace(patch, key[0], key[1], key[2] if len(key) == 3 else None)

@@ -160,6 +160,14 @@ def test_applying_twice_the_later_settings_win(models, apply, unet_module):
     assert torch.equal(sample(twice, "sdxl", size=SIZE), sample(apply(model, scale=3.0), "sdxl", size=SIZE))
 
 
+def test_a_later_node_with_fewer_blocks_leaves_the_others_plain(models, apply, caplog):
+    model = models["sdxl"]
+    with caplog.at_level(logging.INFO):
+        narrowed = apply(apply(model, scale=1.0), blocks="input:4")
+    assert "58 layers an earlier Apply PLADIS patched are plain again" in caplog.text
+    assert torch.equal(sample(narrowed, "sdxl", size=SIZE), sample(apply(model, blocks="input:4"), "sdxl", size=SIZE))
+
+
 def test_a_later_identity_node_removes_the_effect(models, apply):
     model = models["sd15"]
     assert torch.equal(sample(apply(apply(model), scale=0.0), "sd15", size=SIZE), sample(model, "sd15", size=SIZE))
