@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from pladis_core import attention
-from pladis_core.attention import chunked_attention, pladis_attention, pladis_residual, pladis_weights
+from pladis_core import attention, weights
+from pladis_core.attention import chunked_attention, pladis_attention, pladis_residual
+from pladis_core.weights import pladis_weights
 from pladis_core.entmax import entmax, softmax
 from reference import entmax_ref, logits_ref, pladis_ref
 
@@ -128,7 +129,8 @@ def test_scale_zero_does_no_entmax_work(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("entmax called")
 
-    monkeypatch.setattr(attention, "entmax", fail)
+    monkeypatch.setattr(weights, "entmax", fail)
+    monkeypatch.setattr(weights, "_fused_for", fail)
     q, k, v = qkv()
     assert torch.allclose(pladis_attention(q, k, v, 0.0, 1.5), pladis_ref(q, k, v, 0.0, 1.5).float(), atol=1e-6)
     with pytest.raises(AssertionError, match="entmax called"):
@@ -171,12 +173,57 @@ def peak_allocated_bytes(fn):
     return peak
 
 
-def test_peak_memory_stays_within_the_chunk_budget():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_peak_memory_stays_within_the_chunk_budget(monkeypatch, compiled):
+    monkeypatch.setenv("PLADIS_COMPILE", "1" if compiled else "0")
+    monkeypatch.setattr(attention, "CPU_CHUNK_LOGIT_BYTES", 10**12)  # only the memory budget chunks
     q, k, v = qkv(b=2, h=10, n=2048, m=77, d=64)
     logits = 2 * 10 * 2048 * 77 * 4
     fixed = q.numel() * 4 + k.numel() * 4  # the output, and k in float32 for the logits
     unchunked = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, 1.5, chunk_bytes=10**12)) - fixed
-    assert unchunked > 5 * logits  # several logit-sized buffers live at once without chunks
+    assert unchunked > 2 * logits  # several logit-sized buffers live at once without chunks
     for budget in (2 * 2**20, 8 * 2**20):
         extra = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, 1.5, chunk_bytes=budget)) - fixed
         assert extra <= budget
+
+
+ALL_ALPHAS = [1.1, 1.25, 1.5, 1.75, 1.9, 2.0, 1.25]  # 1.25 again: a graph must not be reused for another alpha
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_compiled_and_plain_paths_agree(residual):
+    z = logits_ref(*qkv(b=2, h=3, n=50, m=77, scale=2.0)[:2]).float()
+    z[0, 0, 3] = float("-inf")  # a fully masked row
+    z[1, 2, :, 10:20] = float("-inf")
+    assert weights._fused_for(z.device) is not None
+    for alpha in ALL_ALPHAS:
+        for scale in (2.0, -1.0):
+            fast = pladis_weights(z, scale, alpha, residual)
+            plain = weights.eager_pladis_weights(z, scale, alpha, residual)
+            assert (fast - plain).abs().max() < 2e-6, (alpha, scale)
+    assert weights._compiled["cpu"] is not None  # still compiled: nothing fell back
+
+
+def test_rows_left_unsettled_by_the_fixed_steps_are_redone_exactly(monkeypatch):
+    monkeypatch.setattr(weights, "newton_steps", lambda alpha: 1)
+    z = logits_ref(*qkv(b=1, h=2, n=40, m=77, scale=2.0)[:2]).float()
+    for alpha in (1.25, 1.5, 2.0):
+        assert (pladis_weights(z, 2.0, alpha) - weights.eager_pladis_weights(z, 2.0, alpha)).abs().max() < 2e-6
+
+
+def test_a_failing_compiler_falls_back_to_plain_torch(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setitem(weights._compiled, "cpu", broken)
+    q, k, v = qkv(scale=2.0)
+    out = pladis_attention(q, k, v, 2.0, 1.75)
+    assert (out.double() - pladis_ref(q, k, v, 2.0, 1.75)).abs().max() < 3e-5
+    assert weights._compiled["cpu"] is None and "no C++ compiler" in caplog.text
+
+
+def test_pladis_compile_0_selects_plain_torch(monkeypatch):
+    monkeypatch.setenv("PLADIS_COMPILE", "0")
+    assert weights._fused_for(torch.device("cpu")) is None
+    q, k, v = qkv(scale=2.0)
+    assert (pladis_attention(q, k, v, 2.0, 1.25).double() - pladis_ref(q, k, v, 2.0, 1.25)).abs().max() < 3e-5
