@@ -35,19 +35,28 @@ SMALL_UNETS = {
 }
 
 
-def build_unet(kind, seed=0):
-    """A ModelPatcher around a small UNet of the given architecture, weights drawn from seed."""
+# The widths that make the small UNets the real SD1.5 and SDXL (for benchmarks).
+FULL_WIDTH = {
+    "sd15": {"model_channels": 320, "context_dim": 768},
+    "sdxl": {"model_channels": 320, "context_dim": 2048, "num_head_channels": 64, "adm_in_channels": 2816},
+}
+FULL_CONDITIONING = {"sd15": (768, None), "sdxl": (2048, 1280)}
+
+
+def build_unet(kind, seed=0, full_width=False, device=None, dtype=torch.float32):
+    """A ModelPatcher around a UNet of the given architecture, weights drawn from seed."""
     import comfy.model_patcher
     import comfy.supported_models
 
     spec = SMALL_UNETS[kind]
-    model_config = getattr(comfy.supported_models, spec["config"])(dict(spec["unet"], dtype=torch.float32))
-    model_config.set_inference_dtype(torch.float32, None)
+    unet = dict(spec["unet"], **(FULL_WIDTH[kind] if full_width else {}), dtype=dtype)
+    model_config = getattr(comfy.supported_models, spec["config"])(unet)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     init_weights(model.diffusion_model, seed)
     model.eval()
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    device = device or torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
 # A Flux-architecture transformer (double and single stream blocks) at toy size.
@@ -84,24 +93,26 @@ def init_weights(module, seed):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def conditioning(kind, seed, tokens=77, batch=1):
+def conditioning(kind, seed, tokens=77, batch=1, full_width=False):
     """[[context, extras]] as ComfyUI's samplers take it."""
     spec = SMALL_UNETS[kind]
+    context_dim, pooled_dim = FULL_CONDITIONING[kind] if full_width else (spec["context_dim"], spec["pooled_dim"])
     gen = torch.Generator().manual_seed(seed)
-    context = torch.randn(batch, tokens, spec["context_dim"], generator=gen)
+    context = torch.randn(batch, tokens, context_dim, generator=gen)
     extras = {}
-    if spec["pooled_dim"]:
-        extras["pooled_output"] = torch.randn(batch, spec["pooled_dim"], generator=gen)
+    if pooled_dim:
+        extras["pooled_output"] = torch.randn(batch, pooled_dim, generator=gen)
     return [[context, extras]]
 
 
-def sample(model, kind="sd15", steps=3, cfg=5.0, sampler="euler", scheduler="normal", size=32, seed=0, batch=1, **kwargs):
+def sample(model, kind="sd15", steps=3, cfg=5.0, sampler="euler", scheduler="normal", size=32, seed=0, batch=1, full_width=False, **kwargs):
     """The final latent of a real KSampler run (comfy.sample.sample) on fixed noise and prompts."""
     import comfy.sample
 
     latent = torch.zeros(batch, 4, size // 8, size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    positive, negative = conditioning(kind, seed + 1, batch=batch), conditioning(kind, seed + 2, batch=batch)
+    positive = conditioning(kind, seed + 1, batch=batch, full_width=full_width)
+    negative = conditioning(kind, seed + 2, batch=batch, full_width=full_width)
     with torch.inference_mode():  # as ComfyUI runs its nodes
         return comfy.sample.sample(
             model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed, disable_pbar=True, **kwargs

@@ -1,0 +1,281 @@
+"""PLADIS benchmark suite: per-layer speed, end-to-end sampling, memory of one call.
+
+    scripts/bench.sh [--parts layers,e2e,memory] [--quick]
+
+Every ratio is measured side by side in this one run, on this machine; nothing is a
+pass/fail assertion. Results go to bench/results/latest.json and latest.md (the table
+that the README carries).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+PACK = Path(__file__).resolve().parent.parent
+sys.path.append(str(PACK / "tests"))
+sys.path.append(str(PACK))
+RESULTS = PACK / "bench" / "results"
+
+# (batch, heads, queries, keys, dim_head) of the cross-attention calls, batch 2 = CFG.
+LAYER_SHAPES = {
+    "SD1.5 512px, 64x64 level": (2, 8, 4096, 77, 40),
+    "SD1.5 512px, 32x32 level": (2, 8, 1024, 77, 80),
+    "SDXL 1024px, 64x64 level": (2, 10, 4096, 77, 64),
+    "SDXL 1024px, 32x32 level": (2, 20, 1024, 77, 64),
+    "Flux 1024px, image x text block": (1, 24, 4096, 512, 128),
+    "Wan2.1 1.3B 480p, text cross-attention": (1, 12, 32760, 512, 128),
+}
+# On a CPU, Wan runs 5 of its 21 latent frames so that the naive port fits in time.
+CPU_WAN_QUERIES = 7800
+ALPHAS = (1.5, 2.0, 1.25)
+SCALE = 2.0
+# End to end: full-width architectures with random weights, small on a CPU.
+E2E = {"sd15": {"cpu": 256, "cuda": 512}, "sdxl": {"cpu": 256, "cuda": 1024}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="layers,e2e,memory")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes, for a smoke run")
+    parser.add_argument("--steps", type=int, default=4, help="sampler steps end to end")
+    args = parser.parse_args()
+
+    from host import Host, comfyui_host
+
+    host = Host(comfyui_host.find_comfyui() or comfyui_host.comfyui_path())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"machine": machine(host), "scale": SCALE}
+    parts = args.parts.split(",")
+    if "layers" in parts:
+        report["layers"] = bench_layers(device, args.quick)
+    if "memory" in parts:
+        report["memory"] = bench_memory(device, args.quick)
+    if "e2e" in parts:
+        report["e2e"] = bench_e2e(host, device, args.steps, args.quick)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (RESULTS / "latest.md").write_text(table)
+    print(table)
+
+
+def machine(host):
+    import comfyui_version
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "comfyui": comfyui_version.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def shapes(device, quick):
+    for name, (b, h, n, m, d) in LAYER_SHAPES.items():
+        if name.startswith("Wan") and device.type == "cpu":
+            n, name = CPU_WAN_QUERIES, name + f" ({CPU_WAN_QUERIES} queries)"
+        if quick and not name.startswith("SD1.5"):
+            continue
+        yield name, (b, h, n, m, d)
+
+
+def median_time(fn, device, repeats):
+    fn()  # warm-up: compiles, caches
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(shape, device, seed=0):
+    b, h, n, m, d = shape
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, length, d, generator=g).to(device) for length in (n, m, m))
+    return q, k * 2.0, v  # logits of a few units, as in trained models
+
+
+def with_compile(enabled, fn):
+    """fn() with the compiled kernel on or off (PLADIS_COMPILE), then the default again."""
+    os.environ["PLADIS_COMPILE"] = "1" if enabled else "0"
+    try:
+        return fn()
+    finally:
+        del os.environ["PLADIS_COMPILE"]
+
+
+def naive_port(q, k, v, alpha):
+    """What existing ports do: the entmax package's sort-based map on the full logits."""
+    from entmax import entmax15, entmax_bisect, sparsemax
+
+    z = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    sparse = entmax15(z, dim=-1) if alpha == 1.5 else sparsemax(z, dim=-1) if alpha == 2.0 else entmax_bisect(z, alpha, dim=-1)
+    dense = torch.softmax(z, -1)
+    return (dense + SCALE * (sparse - dense)) @ v
+
+
+def bench_layers(device, quick):
+    from comfy.ldm.modules.attention import optimized_attention
+
+    from pladis_core.attention import pladis_attention
+
+    repeats = 3 if quick else 7
+    rows = []
+    for name, shape in shapes(device, quick):
+        q, k, v = inputs(shape, device)
+        heads = shape[1]
+        merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
+        host = median_time(lambda: optimized_attention(*merged, heads), device, repeats)
+        sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
+        for alpha in ALPHAS:
+            run = lambda: pladis_attention(q, k, v, SCALE, alpha)  # noqa: E731
+            compiled = with_compile(True, lambda: median_time(run, device, repeats))
+            plain = with_compile(False, lambda: median_time(run, device, repeats))
+            naive = median_time(lambda: naive_port(q, k, v, alpha), device, 1 if quick else 2)
+            rows.append({
+                "shape": name, "alpha": alpha, "host_dense_ms": host * 1e3, "sdpa_ms": sdpa * 1e3,
+                "pladis_ms": compiled * 1e3, "pladis_plain_ms": plain * 1e3, "naive_ms": naive * 1e3,
+                "pladis_vs_host": compiled / host, "pladis_plain_vs_host": plain / host, "naive_vs_pladis": naive / compiled,
+            })
+            print(f"{name} alpha {alpha}: PLADIS {compiled / host:.2f}x host dense, naive port {naive / compiled:.1f}x slower", flush=True)
+    return rows
+
+
+MEMORY_PROBE = """
+import os, sys, torch
+sys.path.append({pack!r})
+from bench.run import inputs
+from pladis_core.attention import pladis_attention
+from comfy.ldm.modules.attention import optimized_attention
+device = torch.device({device!r})
+q, k, v = inputs({shape!r}, device)
+heads = {shape!r}[1]
+merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
+call = (lambda: optimized_attention(*merged, heads)) if {method!r} == "dense" else (lambda: pladis_attention(q, k, v, 2.0, 1.5))
+small = [t[..., :8, :] for t in (q, k, v)]
+pladis_attention(small[0], k, v, 2.0, 1.5)  # compile outside the measurement
+if device.type == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
+    out = call(); torch.cuda.synchronize()
+    print((torch.cuda.max_memory_allocated() - base) / 2**20)
+else:
+    status = lambda key: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key)))
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS
+    base = status("VmRSS:")
+    out = call()
+    print((status("VmHWM:") - base) / 1024)
+"""
+
+
+def bench_memory(device, quick):
+    """Peak extra memory of one call over its inputs, each in a fresh process."""
+    from host import comfyui_host
+
+    root = str(comfyui_host.find_comfyui() or comfyui_host.comfyui_path())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(PACK)]), MALLOC_MMAP_THRESHOLD_="65536")
+    rows = []
+    for name, shape in shapes(device, quick):
+        measured = {}
+        for method in ("dense", "pladis"):
+            code = "from comfy.cli_args import args; args.cpu = {cpu}\n".format(cpu=device.type == "cpu")
+            code += MEMORY_PROBE.format(pack=str(PACK), device=device.type, shape=shape, method=method)
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            measured[method] = float(out.stdout.split()[-1])
+        b, h, n, _, d = shape
+        output_mib = b * h * n * d * 4 / 2**20
+        rows.append({"shape": name, "dense_mib": measured["dense"], "pladis_mib": measured["pladis"],
+                     "output_mib": output_mib, "extra_over_dense_mib": measured["pladis"] - measured["dense"]})
+        print(f"{name}: peak dense {measured['dense']:.0f} MiB, PLADIS {measured['pladis']:.0f} MiB", flush=True)
+    return rows
+
+
+def bench_e2e(host, device, steps, quick):
+    import comfy.model_management
+
+    from host_models import build_unet, sample
+
+    rows = []
+    apply = host.node("ApplyPLADIS").execute
+    repeats = 1 if quick else 3
+    for kind, sizes in E2E.items():
+        if quick and kind != "sd15":
+            continue
+        size = sizes[device.type]
+        model = build_unet(kind, full_width=True, device=device)
+        patched = apply(model).result[0]
+        run = lambda m: sample(m, kind, steps=steps, size=size, full_width=True)  # noqa: E731
+        timings = {"plain": [], "pladis": []}
+        for m in (model, patched):  # warm-up: loading, compiling
+            run(m)
+        for _ in range(repeats):  # interleaved, so that drift hits both alike
+            for label, m in (("plain", model), ("pladis", patched)):
+                sync(device)
+                start = time.perf_counter()
+                run(m)
+                sync(device)
+                timings[label].append(time.perf_counter() - start)
+        plain, pladis = statistics.median(timings["plain"]), statistics.median(timings["pladis"])
+        rows.append({"model": kind, "size": size, "steps": steps, "plain_s": plain, "pladis_s": pladis, "ratio": pladis / plain})
+        print(f"{kind} {size}px {steps} steps: {plain:.2f}s plain, {pladis:.2f}s PLADIS, ratio {pladis / plain:.3f}", flush=True)
+        del model, patched
+        comfy.model_management.unload_all_models()
+    return rows
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = [
+        f"Measured {m['date']} on {m['gpu'] or m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), "
+        f"torch {m['torch']}, ComfyUI {m['comfyui']}; lambda = {report['scale']}.",
+        "",
+    ]
+    if "layers" in report:
+        lines += [
+            "| cross-attention call | alpha | host dense ms | PLADIS ms | PLADIS / host | plain-torch PLADIS / host | naive port / PLADIS |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {r['shape']} | {r['alpha']} | {r['host_dense_ms']:.1f} | {r['pladis_ms']:.1f} | {r['pladis_vs_host']:.2f}x "
+            f"| {r['pladis_plain_vs_host']:.2f}x | {r['naive_vs_pladis']:.1f}x |"
+            for r in report["layers"]
+        ]
+        lines.append("")
+    if "e2e" in report:
+        lines += ["| model (full width, random weights) | size | steps | without s | with PLADIS s | ratio |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['size']}px | {r['steps']} | {r['plain_s']:.2f} | {r['pladis_s']:.2f} | {r['ratio']:.3f} |" for r in report["e2e"]]
+        lines.append("")
+    if "memory" in report:
+        lines += ["| call (alpha 1.5) | peak dense MiB | peak PLADIS MiB | output MiB | PLADIS - dense MiB |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            f"| {r['shape']} | {r['dense_mib']:.0f} | {r['pladis_mib']:.0f} | {r['output_mib']:.0f} | {r['extra_over_dense_mib']:.0f} |"
+            for r in report["memory"]
+        ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The real ComfyUI, imported, with the pack loaded through its custom-node loader."""
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+PACK = Path(__file__).resolve().parent.parent
+
+_spec = importlib.util.spec_from_file_location("comfyui_host", PACK / "scripts" / "comfyui_host.py")
+comfyui_host = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(comfyui_host)
+
+
+class Host:
+    """The imported ComfyUI and the pack as its custom-node loader loaded it."""
+
+    def __init__(self, root):
+        sys.path.insert(0, str(root))
+        from comfy.cli_args import args
+
+        if not torch.cuda.is_available():
+            args.cpu = True
+        import nodes
+
+        link, _ = comfyui_host.link_pack()
+        if not asyncio.run(nodes.load_custom_node(str(link))):
+            raise RuntimeError(f"ComfyUI failed to load the pack from {link}; see the log above")
+        self.root = root
+        self.nodes = nodes
+        # The loader names the package after its path; find it through one of our nodes.
+        self.package = nodes.NODE_CLASS_MAPPINGS["ApplyPLADIS"].__module__.rsplit(".nodes.", 1)[0]
+
+    def node(self, node_id):
+        return self.nodes.NODE_CLASS_MAPPINGS[node_id]
+
+    def pack_module(self, name):
+        """A module of the pack as ComfyUI imported it, e.g. 'pladis_core.unet'."""
+        return sys.modules[f"{self.package}.{name}"]
