@@ -2,11 +2,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .apply_pladis import ApplyPLADIS
+from .apply_tgate import ApplyTGATE
 
 
 class PladisExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [ApplyPLADIS]
+        return [ApplyPLADIS, ApplyTGATE]
 
 
 async def comfy_entrypoint() -> PladisExtension:

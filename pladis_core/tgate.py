@@ -1,0 +1,198 @@
+"""TGATE (arXiv 2404.02747): cache attention once it has converged, and drop CFG after the gate.
+
+The schedule, with i the 0-based step of the run's own schedule:
+
+    i <  gate-1   cross-attention computed; self-attention computed (i < warm_up), cached
+                  (i == warm_up, or i % sp_interval == 0) or reused from the cache
+    i == gate-1   both computed; cross-attention cached as the mean of cond and uncond
+    i >  gate-1   cross-attention returns its cache; one CFG branch only; self-attention
+                  cached when i % fi_interval == 0, else reused
+
+Steps are positions in the run's own schedule (transformer_options["sample_sigmas"]): a
+partial denoise or KSamplerAdvanced's start_step counts from its first step, and samplers
+that evaluate several times per step still count steps, not calls.
+One TgateHolder per sampling run holds the step and the caches (the node stores a template
+in transformer_options, and the OUTER_SAMPLE wrapper works on a fresh clone). The patch
+objects here find it in transformer_options; nothing here imports ComfyUI.
+"""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+HOLDER_KEY = "pladis_tgate"
+COND, UNCOND = 0, 1
+
+
+@dataclass(frozen=True)
+class TgateSchedule:
+    gate_step: int = 10
+    sp_interval: int = 5
+    fi_interval: int = 1
+    warm_up: int = 2
+
+    def caches_cross_attention(self, i):
+        return i == self.gate_step - 1
+
+    def after_gate(self, i):
+        return i >= self.gate_step
+
+    def self_attention(self, i):
+        """'compute', 'cache' (compute and cache) or 'reuse' at step i."""
+        if i < self.gate_step - 1:
+            if i < self.warm_up:
+                return "compute"
+            return "cache" if i == self.warm_up or i % self.sp_interval == 0 else "reuse"
+        if i == self.gate_step - 1:
+            return "cache"
+        return "cache" if i % self.fi_interval == 0 else "reuse"
+
+
+class TgateHolder:
+    """The state of one sampling run: the step reached, and the attention caches."""
+
+    def __init__(self, schedule, after_gate="uncond"):
+        self.schedule = schedule
+        self.branch = UNCOND if after_gate == "uncond" else COND
+        self.reset()
+
+    def clone(self):
+        return TgateHolder(self.schedule, "uncond" if self.branch == UNCOND else "cond")
+
+    def reset(self):
+        self.step = 0
+        self.cross = {}  # (layer, branch) -> per-sample output after to_out
+        self.self_attention = {}  # (layer, branch) -> per-sample output
+
+    def cross_attention_frozen(self):
+        return self.schedule.after_gate(self.step) and bool(self.cross)
+
+    def store(self, cache, layer, out, cond_or_uncond):
+        for branch, chunk in zip(cond_or_uncond, out.chunk(len(cond_or_uncond))):
+            cache[(layer, branch)] = chunk.detach()
+
+    def cached(self, cache, layer, x, cond_or_uncond, combine):
+        """The cached output for this call's batch, or None where it does not fit."""
+        if combine:  # the cross-attention cache: the mean of the branches that ran
+            parts = [cache[(layer, b)] for b in (COND, UNCOND) if (layer, b) in cache]
+            per_branch = [sum(parts) / len(parts)] * len(cond_or_uncond) if parts else []
+        else:
+            per_branch = [cache.get((layer, b)) for b in cond_or_uncond]
+        if not per_branch or any(p is None for p in per_branch):
+            return None
+        out = torch.cat(per_branch)
+        if out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
+            return None  # not this run's batch or resolution: compute instead
+        return out.to(device=x.device, dtype=x.dtype)
+
+
+def step_of(sigma, sample_sigmas):
+    """The 0-based step of an evaluation at sigma: the schedule interval (s[j+1], s[j]] it
+    lies in. Extra evaluations of multi-step samplers (dpm_2, SDE) fall inside their
+    step's interval; heun's corrector at s[j+1] opens step j+1."""
+    if sample_sigmas is None:
+        return 0
+    reached = (sample_sigmas[:-1] >= sigma * (1 - 1e-5)).sum().item()
+    return max(0, int(reached) - 1)
+
+
+def layer_of(transformer_options):
+    """The layer a UNet attention call belongs to: (block, number, index in the block)."""
+    block = transformer_options.get("block")
+    return (block[0], block[1], transformer_options.get("block_index", 0)) if block else None
+
+
+class CrossAttentionCapture:
+    """attn2_output_patch: at the gate step, keep each layer's output after to_out.
+
+    It runs after the attention module and after any attn2 replacement (PLADIS), so the
+    cache holds exactly what the layer produced.
+    """
+
+    def __call__(self, out, extra_options):
+        holder = extra_options.get(HOLDER_KEY)
+        if holder is not None and holder.schedule.caches_cross_attention(holder.step):
+            holder.store(holder.cross, layer_of(extra_options), out, extra_options["cond_or_uncond"])
+        return out
+
+
+class CachedForward:
+    """An attention module's forward, object-patched: after the gate (cross-attention) or on
+    reuse steps (self-attention) it returns the cache without computing anything."""
+
+    def __init__(self, forward, kind):
+        self.forward = forward  # the forward it replaces (the module's own, or another patch)
+        self.kind = kind  # "cross" or "self"
+
+    def __call__(self, x, *args, transformer_options={}, **kwargs):
+        holder = transformer_options.get(HOLDER_KEY)
+        if holder is None:
+            return self.forward(x, *args, transformer_options=transformer_options, **kwargs)
+        layer, branches = layer_of(transformer_options), transformer_options.get("cond_or_uncond", [COND])
+        if self.kind == "cross":
+            if holder.cross_attention_frozen():
+                out = holder.cached(holder.cross, layer, x, branches, combine=True)
+                if out is not None:
+                    return out
+            return self.forward(x, *args, transformer_options=transformer_options, **kwargs)
+        action = holder.schedule.self_attention(holder.step)
+        if action == "reuse":
+            out = holder.cached(holder.self_attention, layer, x, branches, combine=False)
+            if out is not None:
+                return out
+        out = self.forward(x, *args, transformer_options=transformer_options, **kwargs)
+        if action != "compute":
+            holder.store(holder.self_attention, layer, out, branches)
+        return out
+
+
+# Host hooks (WrappersMP). Each finds the run's holder in the model options it is given.
+
+
+def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    """A fresh holder for every sampling run, emptied at its end, even on interruption."""
+    guider = executor.class_obj
+    options = dict(guider.model_options)
+    options["transformer_options"] = dict(options["transformer_options"])
+    holder = options["transformer_options"][HOLDER_KEY].clone()
+    options["transformer_options"][HOLDER_KEY] = holder
+    steps = len(sigmas) - 1
+    if holder.schedule.gate_step >= steps:
+        logging.info(f"TGATE: gate_step {holder.schedule.gate_step} is not below the {steps} steps of this run: "
+                     "cross-attention is never frozen and CFG never dropped")
+    original, guider.model_options = guider.model_options, options
+    try:
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+    finally:
+        holder.reset()
+        guider.model_options = original
+
+
+def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
+    """Sets the step of this evaluation; after the gate only one branch runs, and its
+    prediction stands for both, so CFG returns it unchanged and post-CFG functions still
+    see a full pair."""
+    holder = model_options["transformer_options"].get(HOLDER_KEY)
+    if holder is None:
+        return executor(model, conds, x_in, timestep, model_options)
+    holder.step = step_of(float(timestep.max()), model_options["transformer_options"].get("sample_sigmas"))
+    if not holder.schedule.after_gate(holder.step) or len(conds) != 2 or None in conds:
+        return executor(model, conds, x_in, timestep, model_options)
+    (out,) = executor(model, [conds[holder.branch]], x_in, timestep, model_options)
+    return [out, out]
+
+
+def diffusion_model_wrapper(executor, *args, **kwargs):
+    """After the gate, drop attn2 replacements (PLADIS, IPAdapter...) from this call so that
+    the host reaches the cross-attention modules, which return their cache."""
+    args = list(args)
+    position = next((n for n, a in enumerate(args) if isinstance(a, dict) and HOLDER_KEY in a), None)
+    options = args[position] if position is not None else kwargs.get("transformer_options", {})
+    holder = options.get(HOLDER_KEY)
+    if holder is not None and holder.cross_attention_frozen() and "attn2" in options.get("patches_replace", {}):
+        options = dict(options, patches_replace={k: v for k, v in options["patches_replace"].items() if k != "attn2"})
+        if position is not None:
+            args[position] = options
+        else:
+            kwargs["transformer_options"] = options
+    return executor(*args, **kwargs)
