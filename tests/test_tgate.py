@@ -206,3 +206,110 @@ def test_after_the_gate_nothing_of_cross_attention_runs_and_one_branch(models, n
         assert (batch, projections) == ((2, 16) if before_gate else (1, 0)), (sampler, sigma)
     assert len(recorder.calls) > STEPS or sampler in ("euler", "dpmpp_2m_sde")
     assert any(batch == 1 for _, batch, _ in recorder.calls) and any(batch == 2 for _, batch, _ in recorder.calls)
+
+
+def test_runs_start_clean(models, nodes):
+    """Another prompt, a hires-fix pass at another size, another batch size, then the first again."""
+    tgate, _ = nodes
+    model = models["sd15"]
+    patched = tgate(model, gate_step=2, sp_interval=2, warm_up=0)
+    fresh = lambda **kw: sample(tgate(model, gate_step=2, sp_interval=2, warm_up=0), "sd15", steps=5, **kw)  # noqa: E731
+    first = sample(patched, "sd15", steps=5, size=SIZE)
+    assert torch.equal(sample(patched, "sd15", steps=5, size=SIZE, seed=3), fresh(size=SIZE, seed=3))
+    assert torch.equal(sample(patched, "sd15", steps=5, size=96, denoise=0.5), fresh(size=96, denoise=0.5))
+    assert torch.equal(sample(patched, "sd15", steps=5, size=SIZE, batch=2), fresh(size=SIZE, batch=2))
+    assert torch.equal(sample(patched, "sd15", steps=5, size=SIZE), first)
+
+
+def test_an_interrupted_run_leaves_nothing_behind(models, nodes):
+    tgate, _ = nodes
+    model = models["sd15"]
+    patched = tgate(model, gate_step=2, sp_interval=2, warm_up=0)
+
+    def interrupt(step, *args):
+        if step == 3:
+            raise KeyboardInterrupt("stopped by the user")
+
+    with pytest.raises(KeyboardInterrupt):
+        sample(patched, "sd15", steps=5, size=SIZE, callback=interrupt)
+    holder = patched.model_options["transformer_options"]["pladis_tgate"]
+    assert holder.cross == {} and holder.self_attention == {} and holder.step == 0
+    assert torch.equal(sample(patched, "sd15", steps=5, size=SIZE), sample(tgate(model, gate_step=2, sp_interval=2, warm_up=0), "sd15", steps=5, size=SIZE))
+
+
+def test_ksampler_advanced_counts_from_its_first_step(models, nodes):
+    """start_step 2 of 8: the gate at 2 falls after this run's second step, sigma s[4] of the full schedule."""
+    tgate, _ = nodes
+    recorder = Recorder(tgate(models["sd15"], gate_step=2, sp_interval=1))
+    try:
+        sample(recorder.model, "sd15", steps=8, size=SIZE, start_step=2, last_step=7)
+    finally:
+        recorder.remove()
+    assert [batch for _, batch, _ in recorder.calls] == [2, 2, 1, 1, 1]
+
+
+def test_gate_at_or_beyond_the_steps_changes_nothing(models, nodes, caplog):
+    tgate, _ = nodes
+    model = models["sd15"]
+    with caplog.at_level(logging.INFO):
+        result = sample(tgate(model, gate_step=STEPS, sp_interval=1), "sd15", steps=STEPS, size=SIZE)
+    assert torch.equal(result, sample(model, "sd15", steps=STEPS, size=SIZE))
+    assert "cross-attention is never frozen and CFG never dropped" in caplog.text
+
+
+def test_without_cfg_the_cache_is_the_single_branch(models, nodes):
+    """cfg 1: ComfyUI runs the cond branch alone from the start; TGATE then only freezes it."""
+    tgate, _ = nodes
+    model = models["sd15"]
+    recorder = Recorder(tgate(model, gate_step=2, sp_interval=1))
+    try:
+        sample(recorder.model, "sd15", steps=4, size=SIZE, cfg=1.0)
+    finally:
+        recorder.remove()
+    assert [(batch, projections) for _, batch, projections in recorder.calls] == [(1, 16), (1, 16), (1, 0), (1, 0)]
+
+
+def test_applying_twice_the_later_settings_win(models, nodes):
+    tgate, _ = nodes
+    model = models["sd15"]
+    twice = tgate(tgate(model, gate_step=2), gate_step=4, sp_interval=1)
+    assert len(twice.model_options["transformer_options"]["patches"]["attn2_output_patch"]) == 1
+    assert torch.equal(sample(twice, "sd15", steps=STEPS, size=SIZE), sample(tgate(model, gate_step=4, sp_interval=1), "sd15", steps=STEPS, size=SIZE))
+
+
+def test_incoming_model_is_untouched(models, nodes):
+    tgate, _ = nodes
+    model = models["sd15"]
+    before_options, before_objects = copy.deepcopy(model.model_options), dict(model.object_patches)
+    tgate(model)
+    assert model.model_options == before_options and model.object_patches == before_objects
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"gate_step": 0}, r"gate_step must be a whole number from 1"),
+        ({"sp_interval": 0}, r"sp_interval must be a whole number from 1"),
+        ({"fi_interval": 2.5}, r"fi_interval must be a whole number from 1"),
+        ({"warm_up": -1}, r"warm_up must be a whole number from 0"),
+        ({"after_gate": "both"}, r"after_gate must be 'uncond' or 'cond'"),
+    ],
+)
+def test_bad_inputs_are_refused(models, nodes, settings, message):
+    with pytest.raises(ValueError, match=message):
+        nodes[0](models["sd15"], **settings)
+
+
+def test_joint_attention_models_are_refused(nodes):
+    with pytest.raises(ValueError, match=r"Apply TGATE works on UNet models.*this model is Flux"):
+        nodes[0](build_flux())
+
+
+def test_schema(host):
+    schema = host.node("ApplyTGATE").define_schema()
+    assert (schema.display_name, schema.category) == ("Apply TGATE", "model_patches/unet")
+    inputs = {i.id: i for i in schema.inputs}
+    assert list(inputs) == ["model", "gate_step", "sp_interval", "fi_interval", "warm_up", "after_gate"]
+    assert all(i.tooltip for i in schema.inputs)
+    assert [(inputs[k].default, inputs[k].min) for k in ("gate_step", "sp_interval", "fi_interval", "warm_up")] == [(10, 1), (5, 1), (1, 1), (2, 0)]
+    assert inputs["after_gate"].options == ["uncond", "cond"] and inputs["after_gate"].default == "uncond"
