@@ -5,13 +5,12 @@ import comfy.patcher_extension
 from comfy_api.latest import io
 
 from ..pladis_core import tgate
-from ..pladis_core.unet import is_unet
 from .common import model_type_name, unsupported_model_error
 
 WRAPPERS = {
     comfy.patcher_extension.WrappersMP.OUTER_SAMPLE: tgate.outer_sample_wrapper,
     comfy.patcher_extension.WrappersMP.CALC_COND_BATCH: tgate.calc_cond_batch_wrapper,
-    comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL: tgate.diffusion_model_wrapper,
+    comfy.patcher_extension.WrappersMP.APPLY_MODEL: tgate.apply_model_wrapper,
 }
 MINIMA = {"gate_step": 1, "sp_interval": 1, "fi_interval": 1, "warm_up": 0}
 MAXIMUM = 10000
@@ -27,7 +26,7 @@ class ApplyTGATE(io.ComfyNode):
             description="TGATE (arXiv 2404.02747): after gate_step, cross-attention is frozen to its cached output "
             "and CFG runs one branch only, for about 1.6x faster sampling.",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model (SD1.x, SD2.x, SDXL family); combine freely with Apply PLADIS."),
+                io.Model.Input("model", tooltip="SD1.x, SD2.x, SDXL family, PixArt or Wan; combine freely with Apply PLADIS."),
                 io.Int.Input(
                     "gate_step", default=10, min=MINIMA["gate_step"], max=MAXIMUM,
                     tooltip="Sampler steps after which cross-attention is frozen and CFG dropped (10 of 25 in the paper). "
@@ -62,9 +61,9 @@ class ApplyTGATE(io.ComfyNode):
                 raise ValueError(f"Apply TGATE: {name} must be a whole number from {MINIMA[name]} to {MAXIMUM}, got {value}.")
         if after_gate not in ("uncond", "cond"):
             raise ValueError(f"Apply TGATE: after_gate must be 'uncond' or 'cond', got {after_gate!r}.")
-        diffusion_model = model.get_model_object("diffusion_model")
-        if not is_unet(diffusion_model):
-            raise unsupported_model_error("Apply TGATE", model)
+        modules = tgate.attention_modules(model.get_model_object("diffusion_model"))
+        if not modules:
+            raise unsupported_model_error("Apply TGATE", model, "models with cross-attention modules (SD1.x, SD2.x, SDXL, PixArt, Wan)")
 
         m = model.clone()
         schedule = tgate.TgateSchedule(**values)
@@ -74,14 +73,10 @@ class ApplyTGATE(io.ComfyNode):
             m.add_wrapper_with_key(kind, tgate.HOLDER_KEY, wrapper)
         _set_capture_patch(m)
         caching_self_attention = sp_interval > 1 or fi_interval > 1
-        layers = 0
-        for name, block in diffusion_model.named_modules():
-            if getattr(block, "attn2", None) is None or not hasattr(block, "attn1"):
-                continue
-            layers += 1
-            _patch_forward(m, f"diffusion_model.{name}.attn2", "cross")
-            if caching_self_attention:
-                _patch_forward(m, f"diffusion_model.{name}.attn1", "self")
+        for path, kind in modules:
+            if kind == "cross" or caching_self_attention:
+                _patch_forward(m, f"diffusion_model.{path}", kind)
+        layers = sum(kind == "cross" for _, kind in modules)
         logging.info(
             f"Apply TGATE: {layers} cross-attention layers of {model_type_name(model)} frozen after step {gate_step}, "
             f"then the {after_gate} branch alone; self-attention "
@@ -102,4 +97,4 @@ def _patch_forward(model, path, kind):
     previous = model.get_model_object(f"{path}.forward")
     if isinstance(previous, tgate.CachedForward):  # applied again: wrap what it wrapped
         previous = previous.forward
-    model.add_object_patch(f"{path}.forward", tgate.CachedForward(previous, kind))
+    model.add_object_patch(f"{path}.forward", tgate.CachedForward(previous, kind, path))

@@ -14,13 +14,14 @@ def model_type_name(model):
     return type(model.model).__name__
 
 
-def unsupported_model_error(node, model):
+def unsupported_model_error(node, model, supported="UNet models (SD1.x, SD2.x, SDXL)"):
     name = model_type_name(model)
     if any(name.startswith(joint) for joint in JOINT_ATTENTION_MODELS):
-        hint = "Its text and image tokens share one joint attention: use the 'PLADIS Flux Patch' node instead."
+        hint = "Its text and image tokens share one joint attention"
+        hint += ", which TGATE cannot cache." if node == "Apply TGATE" else ": use the 'PLADIS Flux Patch' node instead."
     else:
-        hint = "It has no UNet cross-attention that this node can patch."
-    return ValueError(f"{node} works on UNet models (SD1.x, SD2.x, SDXL); this model is {name}. {hint}")
+        hint = "It has no cross-attention that this node can patch."
+    return ValueError(f"{node} works on {supported}; this model is {name}. {hint}")
 
 
 def percent_range_to_sigmas(model, start_percent, end_percent):

@@ -15,6 +15,7 @@ One TgateHolder per sampling run holds the step and the caches (the node stores 
 in transformer_options, and the OUTER_SAMPLE wrapper works on a fresh clone). The patch
 objects here find it in transformer_options; nothing here imports ComfyUI.
 """
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ import torch
 
 HOLDER_KEY = "pladis_tgate"
 COND, UNCOND = 0, 1
+# (holder, cond_or_uncond) of the model evaluation in progress on this thread.
+_EVALUATION = contextvars.ContextVar("pladis_tgate_evaluation")
 
 
 @dataclass(frozen=True)
@@ -118,32 +121,53 @@ class CrossAttentionCapture:
 
 class CachedForward:
     """An attention module's forward, object-patched: after the gate (cross-attention) or on
-    reuse steps (self-attention) it returns the cache without computing anything."""
+    reuse steps (self-attention) it returns the cache without computing anything.
 
-    def __init__(self, forward, kind):
+    It finds the run's holder through the model evaluation in progress (apply_model_wrapper),
+    since some DiTs (PixArt) call their attention modules without transformer_options.
+    """
+
+    def __init__(self, forward, kind, layer):
         self.forward = forward  # the forward it replaces (the module's own, or another patch)
         self.kind = kind  # "cross" or "self"
+        self.layer = layer  # the module's path: the cache key where the call does not name its block
 
-    def __call__(self, x, *args, transformer_options={}, **kwargs):
-        holder = transformer_options.get(HOLDER_KEY)
-        if holder is None:
-            return self.forward(x, *args, transformer_options=transformer_options, **kwargs)
-        layer, branches = layer_of(transformer_options), transformer_options.get("cond_or_uncond", [COND])
+    def __call__(self, x, *args, **kwargs):
+        call = _EVALUATION.get(None)
+        if call is None:
+            return self.forward(x, *args, **kwargs)
+        holder, branches = call
+        layer = layer_of(kwargs.get("transformer_options") or {}) or self.layer
         if self.kind == "cross":
             if holder.cross_attention_frozen():
                 out = holder.cached(holder.cross, layer, x, branches, combine=True)
                 if out is not None:
                     return out
-            return self.forward(x, *args, transformer_options=transformer_options, **kwargs)
+            out = self.forward(x, *args, **kwargs)
+            if holder.schedule.caches_cross_attention(holder.step):
+                holder.store(holder.cross, layer, out, branches)
+            return out
         action = holder.schedule.self_attention(holder.step)
         if action == "reuse":
             out = holder.cached(holder.self_attention, layer, x, branches, combine=False)
             if out is not None:
                 return out
-        out = self.forward(x, *args, transformer_options=transformer_options, **kwargs)
+        out = self.forward(x, *args, **kwargs)
         if action != "compute":
             holder.store(holder.self_attention, layer, out, branches)
         return out
+
+
+def attention_modules(diffusion_model):
+    """(path, "cross" | "self") of the attention modules of every block that has a real
+    cross-attention module: UNet attn2/attn1, DiT cross_attn with self_attn (Wan) or attn (PixArt)."""
+    found = []
+    for name, block in diffusion_model.named_modules():
+        for cross, self_attention in (("attn2", "attn1"), ("cross_attn", "self_attn"), ("cross_attn", "attn")):
+            if getattr(block, cross, None) is not None and getattr(block, self_attention, None) is not None:
+                found += [(f"{name}.{cross}", "cross"), (f"{name}.{self_attention}", "self")]
+                break
+    return found
 
 
 # Host hooks (WrappersMP). Each finds the run's holder in the model options it is given.
@@ -182,17 +206,18 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
     return [out, out]
 
 
-def diffusion_model_wrapper(executor, *args, **kwargs):
-    """After the gate, drop attn2 replacements (PLADIS, IPAdapter...) from this call so that
-    the host reaches the cross-attention modules, which return their cache."""
-    args = list(args)
-    position = next((n for n, a in enumerate(args) if isinstance(a, dict) and HOLDER_KEY in a), None)
-    options = args[position] if position is not None else kwargs.get("transformer_options", {})
-    holder = options.get(HOLDER_KEY)
-    if holder is not None and holder.cross_attention_frozen() and "attn2" in options.get("patches_replace", {}):
-        options = dict(options, patches_replace={k: v for k, v in options["patches_replace"].items() if k != "attn2"})
-        if position is not None:
-            args[position] = options
-        else:
-            kwargs["transformer_options"] = options
-    return executor(*args, **kwargs)
+def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+    """Makes the run's holder and this evaluation's branches visible to the patched attention
+    modules, and after the gate drops attn2 replacements (PLADIS, IPAdapter...) from the call
+    so that the host reaches the cross-attention modules, which return their cache."""
+    holder = transformer_options.get(HOLDER_KEY)
+    if holder is None:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    if holder.cross_attention_frozen() and "attn2" in transformer_options.get("patches_replace", {}):
+        replace = {k: v for k, v in transformer_options["patches_replace"].items() if k != "attn2"}
+        transformer_options = dict(transformer_options, patches_replace=replace)
+    token = _EVALUATION.set((holder, transformer_options.get("cond_or_uncond", [COND])))
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        _EVALUATION.reset(token)

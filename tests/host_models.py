@@ -67,6 +67,51 @@ SMALL_FLUX = {
 }
 
 
+# Cross-attention DiTs at toy size: PixArt-Sigma and Wan 2.1 T2V.
+SMALL_DITS = {
+    "pixart": {
+        "config": "PixArtSigma", "context_dim": 32, "latent": (4, None),
+        "unet": {"image_model": "pixart_sigma", "num_heads": 4, "patch_size": 2, "hidden_size": 64, "in_channels": 4,
+                 "depth": 2, "input_size": 8, "pe_interpolation": 1, "micro_condition": False, "caption_channels": 32,
+                 "model_max_length": 77},
+    },
+    "wan": {
+        "config": "WAN21_T2V", "context_dim": 32, "latent": (16, 2),
+        "unet": {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "out_dim": 16, "num_heads": 2, "ffn_dim": 128,
+                 "num_layers": 2, "patch_size": (1, 2, 2), "freq_dim": 256, "window_size": (-1, -1), "qk_norm": True,
+                 "cross_attn_norm": True, "eps": 1e-6, "in_dim": 16, "text_dim": 32},
+    },
+}
+
+
+def build_dit(kind, seed=0):
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    spec = SMALL_DITS[kind]
+    model_config = getattr(comfy.supported_models, spec["config"])(dict(spec["unet"], dtype=torch.float32))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    init_weights(model.diffusion_model, seed)
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def sample_dit(model, kind, steps=4, cfg=5.0, size=64, seed=0, sampler="euler", **kwargs):
+    """A real KSampler run of a small DiT on fixed noise and prompts."""
+    import comfy.sample
+
+    spec = SMALL_DITS[kind]
+    channels, frames = spec["latent"]
+    shape = (1, channels) + ((frames,) if frames else ()) + (size // 8, size // 8)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    positive, negative = ([[torch.randn(1, 77, spec["context_dim"], generator=gen), {}]] for _ in range(2))
+    with torch.inference_mode():
+        return comfy.sample.sample(model, noise, steps, cfg, sampler, "normal", positive, negative, torch.zeros(shape),
+                                   seed=seed, disable_pbar=True, **kwargs)
+
+
 def build_flux(seed=0):
     import comfy.model_patcher
     import comfy.supported_models

@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from host_models import build_flux, build_unet, conditioning, sample
+from host_models import build_dit, build_flux, build_unet, conditioning, sample, sample_dit
 from reference import pladis_ref_projected
 
 SIZE, STEPS, CFG = 64, 6, 5.0
@@ -301,7 +301,7 @@ def test_bad_inputs_are_refused(models, nodes, settings, message):
 
 
 def test_joint_attention_models_are_refused(nodes):
-    with pytest.raises(ValueError, match=r"Apply TGATE works on UNet models.*this model is Flux"):
+    with pytest.raises(ValueError, match=r"Apply TGATE works on models with cross-attention.*this model is Flux.*cannot cache"):
         nodes[0](build_flux())
 
 
@@ -313,3 +313,30 @@ def test_schema(host):
     assert all(i.tooltip for i in schema.inputs)
     assert [(inputs[k].default, inputs[k].min) for k in ("gate_step", "sp_interval", "fi_interval", "warm_up")] == [(10, 1), (5, 1), (1, 1), (2, 0)]
     assert inputs["after_gate"].options == ["uncond", "cond"] and inputs["after_gate"].default == "uncond"
+
+
+@pytest.mark.parametrize("kind", ["pixart", "wan"])
+def test_cross_attention_dits_freeze_to_the_mean_of_the_gate_step(host, nodes, kind):
+    """PixArt and Wan: their cross_attn modules (PixArt's take no transformer_options)."""
+    tgate, _ = nodes
+    model = build_dit(kind, seed=2)
+    size = 512 if kind == "pixart" else 64  # PixArt's position embedding needs a 64x64 latent
+    diffusion_model = model.model.diffusion_model
+    outputs, projections = [], [0]
+    blocks = [block for block in diffusion_model.modules() if hasattr(block, "cross_attn")]
+    handles = [block.cross_attn.register_forward_hook(lambda m, a, out, n=n: outputs.append((n, out.clone()))) for n, block in enumerate(blocks)]
+    first_linear = lambda module: next(m for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    handles += [first_linear(block.cross_attn).register_forward_hook(lambda *a: projections.__setitem__(0, projections[0] + 1)) for block in blocks]
+    try:
+        result = sample_dit(tgate(model, gate_step=2, sp_interval=1), kind, steps=4, size=size)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = len(blocks)
+    assert len(outputs) == 4 * layers and projections[0] == 2 * layers  # computed in steps 0 and 1 only
+    at_gate = {n: out for n, out in outputs[layers : 2 * layers]}  # step 1: cond and uncond batched
+    for n, out in outputs[2 * layers :]:
+        assert out.shape[0] == 1  # one branch after the gate
+        assert torch.allclose(out[0], at_gate[n].mean(0), atol=1e-6)
+    assert torch.equal(sample_dit(tgate(model, gate_step=4, sp_interval=1), kind, steps=4, size=size), sample_dit(model, kind, steps=4, size=size))
+    assert not torch.allclose(result, sample_dit(model, kind, steps=4, size=size))
