@@ -39,13 +39,16 @@ ALPHAS = (1.5, 2.0, 1.25)
 SCALE = 2.0
 # End to end: full-width architectures with random weights, small on a CPU.
 E2E = {"sd15": {"cpu": 256, "cuda": 512}, "sdxl": {"cpu": 256, "cuda": 1024}}
+TGATE_STEPS = 25
+PAPER_TGATE_SPEEDUP = {"sd15": 1.63, "sdxl": 1.68}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="layers,e2e,memory")
+    parser.add_argument("--parts", default="layers,e2e,memory,tgate")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes, for a smoke run")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps end to end")
+    parser.add_argument("--size", type=int, help="image size of the end-to-end and TGATE runs (default: small on a CPU)")
     args = parser.parse_args()
 
     from host import Host, comfyui_host
@@ -59,7 +62,9 @@ def main():
     if "memory" in parts:
         report["memory"] = bench_memory(device, args.quick)
     if "e2e" in parts:
-        report["e2e"] = bench_e2e(host, device, args.steps, args.quick)
+        report["e2e"] = bench_e2e(host, device, args.steps, args.quick, args.size)
+    if "tgate" in parts:
+        report["tgate"] = bench_tgate(host, device, args.quick, args.size)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
@@ -212,37 +217,59 @@ def bench_memory(device, quick):
     return rows
 
 
-def bench_e2e(host, device, steps, quick):
+def bench_e2e(host, device, steps, quick, size=None):
+    """Sampling time with and without PLADIS, full-width architectures."""
+    apply = host.node("ApplyPLADIS").execute
+    rows = []
+    for kind, size, model in full_width_models(device, quick, size):
+        timings = interleaved({"plain": model, "pladis": apply(model).result[0]}, kind, size, steps, device, 1 if quick else 3)
+        rows.append({"model": kind, "size": size, "steps": steps, "plain_s": timings["plain"], "pladis_s": timings["pladis"],
+                     "ratio": timings["pladis"] / timings["plain"]})
+        print(f"{kind} {size}px {steps} steps: ratio {rows[-1]['ratio']:.3f}", flush=True)
+    return rows
+
+
+def bench_tgate(host, device, quick, size=None):
+    """Sampling time with and without TGATE at gate_step 10 of 25 steps (the papers' setting)."""
+    tgate = host.node("ApplyTGATE").execute
+    rows = []
+    for kind, size, model in full_width_models(device, quick, size):
+        variants = {"plain": model, "tgate": tgate(model, gate_step=10).result[0], "tgate_v1": tgate(model, gate_step=10, sp_interval=1).result[0]}
+        timings = interleaved(variants, kind, size, TGATE_STEPS, device, 1)
+        rows.append({"model": kind, "size": size, "steps": TGATE_STEPS, "plain_s": timings["plain"], "tgate_s": timings["tgate"],
+                     "speedup": timings["plain"] / timings["tgate"], "speedup_v1": timings["plain"] / timings["tgate_v1"],
+                     "paper": PAPER_TGATE_SPEEDUP[kind]})
+        print(f"{kind} {size}px: TGATE {rows[-1]['speedup']:.2f}x faster (v1 {rows[-1]['speedup_v1']:.2f}x; paper {PAPER_TGATE_SPEEDUP[kind]}x)", flush=True)
+    return rows
+
+
+def full_width_models(device, quick, size=None):
     import comfy.model_management
 
-    from host_models import build_unet, sample
+    from host_models import build_unet
 
-    rows = []
-    apply = host.node("ApplyPLADIS").execute
-    repeats = 1 if quick else 3
     for kind, sizes in E2E.items():
         if quick and kind != "sd15":
             continue
-        size = sizes[device.type]
-        model = build_unet(kind, full_width=True, device=device)
-        patched = apply(model).result[0]
-        run = lambda m: sample(m, kind, steps=steps, size=size, full_width=True)  # noqa: E731
-        timings = {"plain": [], "pladis": []}
-        for m in (model, patched):  # warm-up: loading, compiling
-            run(m)
-        for _ in range(repeats):  # interleaved, so that drift hits both alike
-            for label, m in (("plain", model), ("pladis", patched)):
-                sync(device)
-                start = time.perf_counter()
-                run(m)
-                sync(device)
-                timings[label].append(time.perf_counter() - start)
-        plain, pladis = statistics.median(timings["plain"]), statistics.median(timings["pladis"])
-        rows.append({"model": kind, "size": size, "steps": steps, "plain_s": plain, "pladis_s": pladis, "ratio": pladis / plain})
-        print(f"{kind} {size}px {steps} steps: {plain:.2f}s plain, {pladis:.2f}s PLADIS, ratio {pladis / plain:.3f}", flush=True)
-        del model, patched
+        yield kind, size or sizes[device.type], build_unet(kind, full_width=True, device=device)
         comfy.model_management.unload_all_models()
-    return rows
+
+
+def interleaved(models, kind, size, steps, device, repeats):
+    """Median seconds per sampling run of each model, runs interleaved so drift hits all alike."""
+    from host_models import sample
+
+    timings = {label: [] for label in models}
+    for m in models.values():  # warm-up: loading, compiling
+        sample(m, kind, steps=2, size=size, full_width=True)
+    for _ in range(repeats):
+        for label, m in models.items():
+            sync(device)
+            start = time.perf_counter()
+            sample(m, kind, steps=steps, size=size, full_width=True)
+            sync(device)
+            timings[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in timings.items()}
 
 
 def markdown(report):
@@ -266,6 +293,12 @@ def markdown(report):
     if "e2e" in report:
         lines += ["| model (full width, random weights) | size | steps | without s | with PLADIS s | ratio |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['size']}px | {r['steps']} | {r['plain_s']:.2f} | {r['pladis_s']:.2f} | {r['ratio']:.3f} |" for r in report["e2e"]]
+        lines.append("")
+    if "tgate" in report:
+        lines += ["| model (full width, random weights) | size | steps | without s | with TGATE s | speed-up | v1 speed-up | paper |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['model']} | {r['size']}px | {r['steps']} | {r['plain_s']:.1f} | {r['tgate_s']:.1f} | {r['speedup']:.2f}x "
+                  f"| {r['speedup_v1']:.2f}x | {r['paper']}x |" for r in report["tgate"]]
         lines.append("")
     if "memory" in report:
         lines += ["| call (alpha 1.5) | peak dense MiB | peak PLADIS MiB | output MiB | PLADIS - dense MiB |", "| --- | --- | --- | --- | --- |"]

@@ -23,8 +23,15 @@ import torch
 
 HOLDER_KEY = "pladis_tgate"
 COND, UNCOND = 0, 1
-# (holder, cond_or_uncond) of the model evaluation in progress on this thread.
+# The model evaluation in progress on this thread.
 _EVALUATION = contextvars.ContextVar("pladis_tgate_evaluation")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    holder: "TgateHolder"
+    branches: list  # cond_or_uncond of the batch
+    index: int  # the evaluation's place within its step
 
 
 @dataclass(frozen=True)
@@ -64,8 +71,17 @@ class TgateHolder:
 
     def reset(self):
         self.step = 0
-        self.cross = {}  # (layer, branch) -> per-sample output after to_out
-        self.self_attention = {}  # (layer, branch) -> per-sample output
+        self.cross = {}  # (layer, call, branch) -> per-sample output after to_out
+        self.self_attention = {}  # (layer, call, branch) -> per-sample output
+        self._calls = (None, 0)  # (step, model evaluations seen in it)
+
+    def next_call(self):
+        """The index of this model evaluation within its step. Tiled or windowed sampling
+        (several calls per step on different parts of the latent) keeps one cache per call."""
+        step, seen = self._calls
+        index = seen if step == self.step else 0
+        self._calls = (self.step, index + 1)
+        return index
 
     def cross_attention_frozen(self):
         return self.schedule.after_gate(self.step) and bool(self.cross)
@@ -113,9 +129,9 @@ class CrossAttentionCapture:
     """
 
     def __call__(self, out, extra_options):
-        holder = extra_options.get(HOLDER_KEY)
-        if holder is not None and holder.schedule.caches_cross_attention(holder.step):
-            holder.store(holder.cross, layer_of(extra_options), out, extra_options["cond_or_uncond"])
+        call = _EVALUATION.get(None)
+        if call is not None and call.holder.schedule.caches_cross_attention(call.holder.step):
+            call.holder.store(call.holder.cross, (layer_of(extra_options), call.index), out, call.branches)
         return out
 
 
@@ -136,8 +152,8 @@ class CachedForward:
         call = _EVALUATION.get(None)
         if call is None:
             return self.forward(x, *args, **kwargs)
-        holder, branches = call
-        layer = layer_of(kwargs.get("transformer_options") or {}) or self.layer
+        holder, branches = call.holder, call.branches
+        layer = (layer_of(kwargs.get("transformer_options") or {}) or self.layer, call.index)
         if self.kind == "cross":
             if holder.cross_attention_frozen():
                 out = holder.cached(holder.cross, layer, x, branches, combine=True)
@@ -216,7 +232,7 @@ def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transfor
     if holder.cross_attention_frozen() and "attn2" in transformer_options.get("patches_replace", {}):
         replace = {k: v for k, v in transformer_options["patches_replace"].items() if k != "attn2"}
         transformer_options = dict(transformer_options, patches_replace=replace)
-    token = _EVALUATION.set((holder, transformer_options.get("cond_or_uncond", [COND])))
+    token = _EVALUATION.set(Evaluation(holder, transformer_options.get("cond_or_uncond", [COND]), holder.next_call()))
     try:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     finally:

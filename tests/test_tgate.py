@@ -340,3 +340,30 @@ def test_cross_attention_dits_freeze_to_the_mean_of_the_gate_step(host, nodes, k
         assert torch.allclose(out[0], at_gate[n].mean(0), atol=1e-6)
     assert torch.equal(sample_dit(tgate(model, gate_step=4, sp_interval=1), kind, steps=4, size=size), sample_dit(model, kind, steps=4, size=size))
     assert not torch.allclose(result, sample_dit(model, kind, steps=4, size=size))
+
+
+def test_tiled_sampling_keeps_one_cache_per_tile(models, nodes):
+    """A model wrapper that evaluates the latent as two tiles per step (as tiled-diffusion
+    packs do): after the gate each tile gets back its own cross-attention, not the other's."""
+    tgate, _ = nodes
+    model = tgate(models["sd15"], gate_step=2, sp_interval=1)
+
+    def two_tiles(apply_model, args):
+        x, rest = args["input"], {"c": args["c"]}
+        left, right = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+        return torch.cat([apply_model(left, args["timestep"], **rest["c"]), apply_model(right, args["timestep"], **rest["c"])], -1)
+
+    model.set_model_unet_function_wrapper(two_tiles)
+    outputs = []
+    attn2 = model.model.diffusion_model.output_blocks[3][1].transformer_blocks[0].attn2
+    handle = attn2.register_forward_hook(lambda m, a, out: outputs.append(out.clone()))
+    try:
+        sample(model, "sd15", steps=4, size=SIZE)
+    finally:
+        handle.remove()
+    # Steps 0 and 1 compute (two tiles, cond and uncond batched); steps 2 and 3 return caches.
+    gate_left, gate_right = outputs[2], outputs[3]
+    assert not torch.allclose(gate_left.mean(0), gate_right.mean(0))
+    for step in (2, 3):
+        left, right = outputs[2 * step], outputs[2 * step + 1]
+        assert torch.allclose(left[0], gate_left.mean(0), atol=1e-6) and torch.allclose(right[0], gate_right.mean(0), atol=1e-6)
