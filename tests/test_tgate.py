@@ -367,3 +367,23 @@ def test_tiled_sampling_keeps_one_cache_per_tile(models, nodes):
     for step in (2, 3):
         left, right = outputs[2 * step], outputs[2 * step + 1]
         assert torch.allclose(left[0], gate_left.mean(0), atol=1e-6) and torch.allclose(right[0], gate_right.mean(0), atol=1e-6)
+
+
+def test_the_caches_of_a_run_are_freed_when_it_ends(models, nodes):
+    import comfy.patcher_extension
+
+    tgate, _ = nodes
+    model = tgate(models["sd15"], gate_step=2, sp_interval=2, warm_up=0)
+    seen = []
+
+    def spy(executor, model_, conds, x_in, timestep, model_options):
+        seen.append(model_options["transformer_options"]["pladis_tgate"])
+        return executor(model_, conds, x_in, timestep, model_options)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "spy", spy)
+    sample(model, "sd15", steps=4, size=SIZE)
+    run_holders = {id(h): h for h in seen}
+    assert len(run_holders) == 1  # one holder for the whole run, not the node's template
+    (holder,) = run_holders.values()
+    assert holder is not model.model_options["transformer_options"]["pladis_tgate"]
+    assert holder.cross == {} and holder.self_attention == {}
