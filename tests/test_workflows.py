@@ -21,7 +21,7 @@ def test_workflow_nodes_links_and_widgets_are_valid(host, path):
         assert nodes[source]["outputs"][source_slot]["type"] == kind
         assert link_id in nodes[source]["outputs"][source_slot]["links"]
         assert nodes[target]["inputs"][target_slot] == {**nodes[target]["inputs"][target_slot], "type": kind, "link": link_id}
-    ours = [n for n in nodes.values() if n["type"] in ("ApplyPLADIS",)]
+    ours = [n for n in nodes.values() if n["type"] in ("ApplyPLADIS", "ApplyTGATE")]
     assert ours, "an example workflow should use the pack's nodes"
     for n in ours:
         schema = host.node(n["type"]).define_schema()
@@ -30,4 +30,6 @@ def test_workflow_nodes_links_and_widgets_are_valid(host, path):
         for spec, value in zip(widgets, n["widgets_values"]):
             assert type(value) is type(spec.default), spec.id
             if getattr(spec, "min", None) is not None:
-                assert spec.min <= value <= spec.max, spec.id
+                assert spec.min <= value <= (spec.max if spec.max is not None else value), spec.id
+            if getattr(spec, "options", None):
+                assert value in spec.options, spec.id
