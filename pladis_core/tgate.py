@@ -12,8 +12,9 @@ Steps are positions in the run's own schedule (transformer_options["sample_sigma
 partial denoise or KSamplerAdvanced's start_step counts from its first step, and samplers
 that evaluate several times per step still count steps, not calls.
 One TgateHolder per sampling run holds the step and the caches (the node stores a template
-in transformer_options, and the OUTER_SAMPLE wrapper works on a fresh clone). The patch
-objects here find it in transformer_options; nothing here imports ComfyUI.
+in transformer_options, and the OUTER_SAMPLE wrapper works on a fresh clone). The patched
+attention modules find it through the evaluation in progress (apply_model_wrapper);
+nothing here imports ComfyUI.
 """
 import contextvars
 import logging
@@ -63,16 +64,17 @@ class TgateHolder:
 
     def __init__(self, schedule, after_gate="uncond"):
         self.schedule = schedule
+        self.after_gate = after_gate
         self.branch = UNCOND if after_gate == "uncond" else COND
         self.reset()
 
     def clone(self):
-        return TgateHolder(self.schedule, "uncond" if self.branch == UNCOND else "cond")
+        return TgateHolder(self.schedule, self.after_gate)
 
     def reset(self):
         self.step = 0
-        self.cross = {}  # (layer, call, branch) -> per-sample output after to_out
-        self.self_attention = {}  # (layer, call, branch) -> per-sample output
+        self.cross = {}  # ((layer, call index), branch) -> per-sample output after to_out
+        self.self_attention = {}  # ((layer, call index), branch) -> per-sample output
         self._calls = (None, 0)  # (step, model evaluations seen in it)
 
     def next_call(self):
@@ -160,6 +162,8 @@ class CachedForward:
                 if out is not None:
                     return out
             out = self.forward(x, *args, **kwargs)
+            # DiT modules are captured here; UNet layers also by CrossAttentionCapture, which
+            # sees the attn2 replace path too (same key, same tensor).
             if holder.schedule.caches_cross_attention(holder.step):
                 holder.store(holder.cross, layer, out, branches)
             return out
