@@ -3,6 +3,11 @@
     W   = softmax(z) + scale * (entmax_alpha(z) - softmax(z)),   z = q k^T / sqrt(d) + mask
     out = W v
 
+Joint attention (text and image keys in one softmax) sharpens only the text keys of a
+row, rescaled by the row's dense mass m on them, so that the row still sums to 1:
+
+    out = dense_out + m * scale * (entmax_alpha(z_txt) - softmax(z_txt)) v_txt
+
 Tensors are (batch, heads, tokens, dim_head). Logits and both maps are float32 whatever
 the input dtype; the product with v runs in v's dtype and the result comes back in q's.
 """
@@ -31,9 +36,27 @@ def pladis_residual(q, k, v, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_
     return chunked_attention(q, k, v, lambda z: pladis_weights(z, scale, alpha, residual=True), mask, chunk_bytes)
 
 
+def joint_residual(q, k, v, text, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    """m * scale * (sparse - dense) v_txt for query rows that see text and image keys.
+
+    text: the slice of k (and v) that holds the text keys; m is each row's dense mass on
+    them, which needs the logits of every key, so each chunk computes them all once.
+    """
+    return chunked_attention(q, k, v[..., text, :], lambda z: _joint_weights(z, text, scale, alpha), mask, chunk_bytes)
+
+
+def _joint_weights(z, text, scale, alpha):
+    z_text = z[..., text]
+    log_mass = torch.logsumexp(z_text, -1, keepdim=True) - torch.logsumexp(z, -1, keepdim=True)
+    # A row without a visible text key has no mass there (and -inf - -inf would be nan).
+    mass = torch.where(torch.isfinite(log_mass), log_mass.exp(), 0.0)
+    return mass * pladis_weights(z_text.contiguous(), scale, alpha, residual=True)
+
+
 def chunked_attention(q, k, v, weights, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """weights(z) v over chunks of queries, so float32 logits never exceed chunk_bytes.
 
+    weights maps logits over all keys to weights over v's keys (the same, or a part).
     mask: additive (-inf drops a key) or boolean (True keeps a key), broadcastable to
     (batch, heads, queries, keys).
     """
@@ -53,6 +76,16 @@ def chunked_attention(q, k, v, weights, mask=None, chunk_bytes=DEFAULT_CHUNK_BYT
             z = _apply_mask(z, _mask_rows(mask, start, stop, n))
         out[..., start:stop, :] = weights(z).to(v.dtype) @ v
     return out
+
+
+def split_heads(heads, *tensors):
+    """(batch, tokens, heads * dim) -> (batch, heads, tokens, dim), for each tensor (SD3 hands
+    over v as (batch, tokens, heads, dim) already)."""
+    return tuple(t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in tensors)
+
+
+def merge_heads(x):
+    return x.transpose(1, 2).flatten(-2)
 
 
 def _mask_rows(mask, start, stop, n):

@@ -4,37 +4,12 @@ The host's BasicTransformerBlock calls an attn2 replace patch with the projected
 q, k, v of shape (batch, tokens, heads * dim_head) and applies to_out afterwards.
 Nothing here imports ComfyUI: the host's dense attention is passed in.
 """
-from dataclasses import dataclass
-
-from .attention import DEFAULT_CHUNK_BYTES, pladis_attention, pladis_residual
+from .attention import merge_heads, pladis_attention, pladis_residual, split_heads
+from .settings import PladisSettings
 
 UNET_STAGES = ("input", "middle", "output")
 # The sigma that ComfyUI's Attn2Replace assumes when called outside a sampler.
 _NO_SIGMA = 999999999.9
-
-
-@dataclass(frozen=True)
-class PladisSettings:
-    """What one Apply PLADIS node asked for. sigma_start >= sigma_end bound the active range."""
-
-    scale: float
-    alpha: float
-    sigma_start: float = float("inf")
-    sigma_end: float = 0.0
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-
-    @property
-    def is_identity(self):
-        return self.scale == 0 or self.alpha == 1.0
-
-    def active_rows(self, sigmas, batch):
-        """None when every sample of the batch is in range, else a bool tensor per sample."""
-        if sigmas is None or (self.sigma_start == float("inf") and self.sigma_end <= 0.0):
-            return None
-        if sigmas.numel() != batch:
-            sigmas = sigmas.flatten()[:1].expand(batch)
-        active = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
-        return None if bool(active.all()) else active
 
 
 class PladisAttn2:
@@ -62,20 +37,16 @@ class PladisAttn2:
         heads = extra_options["n_heads"]
         active = self.settings.active_rows(extra_options.get("sigmas"), q.shape[0])
         if self.inner is None and active is None:
-            out = _merge_heads(pladis_attention(*_split_heads(q, k, v, heads), **self._method()))
+            out = merge_heads(pladis_attention(*split_heads(heads, q, k, v), **self.settings.method()))
         else:
             out = self._base(q, k, v, extra_options)
             if active is None:
-                out = out + _merge_heads(pladis_residual(*_split_heads(q, k, v, heads), **self._method()))
+                out = out + merge_heads(pladis_residual(*split_heads(heads, q, k, v), **self.settings.method()))
             elif bool(active.any()):
                 rows = active.nonzero().flatten()
-                residual = pladis_residual(*_split_heads(q[rows], k[rows], v[rows], heads), **self._method())
-                out = out.index_add(0, rows, _merge_heads(residual).to(out.dtype))
+                residual = pladis_residual(*split_heads(heads, q[rows], k[rows], v[rows]), **self.settings.method())
+                out = out.index_add(0, rows, merge_heads(residual).to(out.dtype))
         return self._run_callbacks(out, q, k, v, extra_options).to(q.dtype)
-
-    def _method(self):
-        s = self.settings
-        return {"scale": s.scale, "alpha": s.alpha, "chunk_bytes": s.chunk_bytes}
 
     def _base(self, q, k, v, extra_options):
         if self.inner is not None:
@@ -109,14 +80,6 @@ class PladisAttn2:
         # immutable and the chained patch is never mutated by us; the callback list is
         # per clone because add() appends to it.
         return PladisAttn2(self.settings, self.dense_attention, self.inner, self.callbacks)
-
-
-def _split_heads(q, k, v, heads):
-    return tuple(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
-
-
-def _merge_heads(x):
-    return x.transpose(1, 2).flatten(-2)
 
 
 def is_unet(diffusion_model):

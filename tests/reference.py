@@ -37,3 +37,21 @@ def pladis_ref_projected(q, k, v, heads, scale, alpha):
     """The same on the (batch, tokens, heads * dim) tensors an attn2 replace patch receives."""
     split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)
     return pladis_ref(split(q), split(k), split(v), scale, alpha).transpose(1, 2).flatten(-2)
+
+
+def joint_pladis_ref(q, k, v, text, scale, alpha, mask=None):
+    """Joint attention in float64 from the full weight matrix, as the method defines it:
+    for every query row outside `text` (image queries), the text-key columns become
+    m * ((1 - scale) softmax(z_txt) + scale * entmax(z_txt)), m the row's dense mass on
+    the text keys; image-key columns and text-query rows stay dense."""
+    z = logits_ref(q, k, mask)
+    w = entmax_ref(z, 1.0)
+    image_rows = torch.ones(z.shape[-2], dtype=torch.bool)
+    image_rows[text] = False
+    z_txt = z[..., image_rows, text]
+    mass = w[..., image_rows, text].sum(-1, keepdim=True)
+    dense_txt = entmax_ref(z_txt, 1.0)
+    w_rows = w[..., image_rows, :]
+    w_rows[..., text] = mass * ((1 - scale) * dense_txt + scale * entmax_ref(z_txt, alpha))
+    w[..., image_rows, :] = w_rows
+    return w @ v.double()

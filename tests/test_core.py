@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from pladis_core import attention, weights
-from pladis_core.attention import chunked_attention, pladis_attention, pladis_residual
+from pladis_core.attention import chunked_attention, joint_residual, pladis_attention, pladis_residual
 from pladis_core.weights import pladis_weights
 from pladis_core.entmax import entmax, softmax
-from reference import entmax_ref, logits_ref, pladis_ref
+from reference import entmax_ref, joint_pladis_ref, logits_ref, pladis_ref
 
 ALPHAS = [1.1, 1.25, 1.5, 1.75, 2.0]
 SHAPES = [(7,), (3, 77), (2, 4, 33, 77), (5, 1000), (4, 1)]
@@ -227,3 +227,68 @@ def test_pladis_compile_0_selects_plain_torch(monkeypatch):
     assert weights._fused_for(torch.device("cpu")) is None
     q, k, v = qkv(scale=2.0)
     assert (pladis_attention(q, k, v, 2.0, 1.25).double() - pladis_ref(q, k, v, 2.0, 1.25)).abs().max() < 3e-5
+
+
+def joint_qkv(b=2, h=3, text=20, image=36, d=16, scale=2.0, seed=0):
+    return qkv(b, h, text + image, text + image, d, scale=scale, seed=seed)
+
+
+def joint_out(q, k, v, text, scale, alpha, mask=None, **kwargs):
+    """Dense attention of every row plus the joint correction of the image rows."""
+    out = pladis_attention(q, k, v, 0.0, alpha, mask=mask).double()
+    image_mask = mask[..., text:, :] if mask is not None and mask.shape[-2] == q.shape[-2] else mask
+    out[..., text:, :] += joint_residual(q[..., text:, :], k, v, slice(0, text), scale, alpha, mask=image_mask, **kwargs).double()
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.0, -1.0])
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+def test_joint_correction_matches_the_joint_weights_in_float64(scale, alpha):
+    q, k, v = joint_qkv()
+    ref = joint_pladis_ref(q, k, v, slice(0, 20), scale, alpha)
+    assert (joint_out(q, k, v, 20, scale, alpha) - ref).abs().max() < 1e-5 * (1 + abs(scale))
+
+
+def test_joint_weights_keep_each_row_summing_to_one_and_text_rows_dense():
+    q, k, v = joint_qkv()
+    ones = torch.ones_like(v)
+    out = joint_out(q, k, ones, 20, 2.0, 1.5)  # rows of W summed
+    assert (out - 1).abs().max() < 1e-5
+    ref = joint_pladis_ref(q, k, v, slice(0, 20), 2.0, 1.5)
+    dense = pladis_ref(q, k, v, 0.0, 1.5)
+    assert torch.equal(ref[..., :20, :], dense[..., :20, :])  # the reference leaves text queries dense
+    assert (ref[..., 20:, :] - dense[..., 20:, :]).abs().max() > 1e-2  # and changes image queries
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_joint_correction_honours_a_text_padding_mask(kind):
+    q, k, v = joint_qkv()
+    keep = torch.ones(2, 1, 1, 56, dtype=torch.bool)
+    keep[0, ..., 15:20] = False  # padded text tokens of the first sample
+    keep[1, ..., :20] = False  # no text at all: nothing to sharpen
+    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    out = joint_out(q, k, v, 20, 2.0, 1.5, mask=mask)
+    ref = joint_pladis_ref(q, k, v, slice(0, 20), 2.0, 1.5, mask=keep)
+    assert not out.isnan().any() and (out - ref).abs().max() < 1e-5
+    assert (out[1] - pladis_ref(q, k, v, 0.0, 1.5, mask=keep)[1]).abs().max() < 1e-5
+
+
+def test_joint_correction_in_chunks_equals_one_pass():
+    q, k, v = joint_qkv(text=30, image=200)
+    whole = joint_residual(q[..., 30:, :], k, v, slice(0, 30), 2.0, 1.5, chunk_bytes=10**9)
+    for budget in (1, 100_000):
+        assert (joint_residual(q[..., 30:, :], k, v, slice(0, 30), 2.0, 1.5, chunk_bytes=budget) - whole).abs().max() < 1e-5
+
+
+def test_joint_correction_memory_is_bounded_at_flux_proportions(monkeypatch):
+    """Flux at 1024px has 4096 image and 512 text tokens; here 2048 and 256 with 24 heads:
+    the correction's extra memory stays within its chunk budget, far below the joint matrix."""
+    monkeypatch.setattr(attention, "CPU_CHUNK_LOGIT_BYTES", 10**12)
+    text, image, heads = 256, 2048, 24
+    q, k, v = joint_qkv(b=1, h=heads, text=text, image=image, d=64)
+    q_image = q[..., text:, :].contiguous()
+    joint_matrix = heads * (text + image) ** 2 * 4
+    budget = 16 * 2**20
+    fixed = q_image.numel() * 4 + k.numel() * 4 + v.numel() * 4  # the output, k in float32, v's text part
+    extra = peak_allocated_bytes(lambda: joint_residual(q_image, k, v, slice(0, text), 2.0, 1.5, chunk_bytes=budget)) - fixed
+    assert extra <= budget < joint_matrix / 25

@@ -1,0 +1,32 @@
+"""What one PLADIS node asked for, shared by every place that applies it."""
+from dataclasses import dataclass
+
+from .attention import DEFAULT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class PladisSettings:
+    """scale (lambda) and alpha, and the sigmas that bound the active range (sigma_start >= sigma_end)."""
+
+    scale: float
+    alpha: float
+    sigma_start: float = float("inf")
+    sigma_end: float = 0.0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    @property
+    def is_identity(self):
+        return self.scale == 0 or self.alpha == 1.0
+
+    def method(self):
+        """The keyword arguments of the attention functions."""
+        return {"scale": self.scale, "alpha": self.alpha, "chunk_bytes": self.chunk_bytes}
+
+    def active_rows(self, sigmas, batch):
+        """None when every sample of the batch is in range, else a bool tensor per sample."""
+        if sigmas is None or (self.sigma_start == float("inf") and self.sigma_end <= 0.0):
+            return None
+        if sigmas.numel() != batch:
+            sigmas = sigmas.flatten()[:1].expand(batch)
+        active = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
+        return None if bool(active.all()) else active
