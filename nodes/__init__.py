@@ -3,11 +3,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply_pladis import ApplyPLADIS
 from .apply_tgate import ApplyTGATE
+from .pladis_flux_patch import PladisFluxPatch
 
 
 class PladisExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [ApplyPLADIS, ApplyTGATE]
+        return [ApplyPLADIS, PladisFluxPatch, ApplyTGATE]
 
 
 async def comfy_entrypoint() -> PladisExtension:

@@ -5,10 +5,14 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.latest import io
 
 from ..pladis_core.selection import parse_stage_blocks
-from ..pladis_core.unet import UNET_STAGES, PladisSettings, cross_attention_blocks, is_unet, register_attn2_patches
-from .common import check_range, describe_blocks, model_type_name, percent_range_to_sigmas, unsupported_model_error
+from ..pladis_core.settings import PladisSettings
+from ..pladis_core.unet import UNET_STAGES, cross_attention_blocks, is_unet, register_attn2_patches
+from .architectures import CROSS_ARCHITECTURES, attention_blocks, find_architecture, patch_dit
+from .common import (
+    check_pladis_inputs, describe_blocks, model_type_name, percent_range_to_sigmas, pladis_inputs, select_indexes, unsupported_model_error,
+)
 
-RANGES = {"scale": (-5.0, 10.0), "alpha": (1.0, 2.0), "start_percent": (0.0, 1.0), "end_percent": (0.0, 1.0)}
+SUPPORTED = "UNet models (SD1.x, SD2.x, SDXL) and cross-attention DiTs (Wan 2.x, PixArt Alpha/Sigma, HunyuanDiT)"
 
 
 class ApplyPLADIS(io.ComfyNode):
@@ -21,33 +25,21 @@ class ApplyPLADIS(io.ComfyNode):
             description="PLADIS (arXiv 2503.07677): extrapolates cross-attention from softmax towards "
             "sparse alpha-entmax for better prompt following, at no extra model evaluations.",
             inputs=[
-                io.Model.Input("model", tooltip="A UNet model: SD1.x, SD2.x or SDXL family (Turbo, Lightning, DMD2, Hyper, Pony, Illustrious)."),
-                io.Float.Input(
-                    "scale", default=2.0, min=RANGES["scale"][0], max=RANGES["scale"][1], step=0.05,
-                    tooltip="lambda: 0 is plain attention, 1 is pure entmax, 2 is the paper's setting. "
-                    "Lower it (1.0-1.5) if tag-based models grow extra objects; higher over-smooths like high CFG.",
+                io.Model.Input(
+                    "model", tooltip="A UNet model: SD1.x, SD2.x or SDXL family (Turbo, Lightning, DMD2, Hyper, Pony, Illustrious), "
+                    "or a cross-attention DiT: Wan 2.x, PixArt Alpha/Sigma, HunyuanDiT. For Flux-like models use 'PLADIS Flux Patch'.",
                 ),
-                io.Float.Input(
-                    "alpha", default=1.5, min=RANGES["alpha"][0], max=RANGES["alpha"][1], step=0.05,
-                    tooltip="Sparsity of the entmax map: 1.5 (default) and 2.0 (sparsemax) are the paper's choices; "
-                    "1.0 is softmax, which changes nothing.",
-                ),
-                io.Float.Input(
-                    "start_percent", default=0.0, min=RANGES["start_percent"][0], max=RANGES["start_percent"][1], step=0.01,
-                    tooltip="Part of the schedule where PLADIS starts (0 = first step); before it attention is plain.",
-                ),
-                io.Float.Input(
-                    "end_percent", default=1.0, min=RANGES["end_percent"][0], max=RANGES["end_percent"][1], step=0.01,
-                    tooltip="Part of the schedule where PLADIS stops (1 = last step); after it attention is plain.",
-                ),
+                *pladis_inputs(),
                 io.Boolean.Input(
                     "include_middle", default=False,
-                    tooltip="Also patch the middle block. The official code leaves it dense; patching it can make images messy.",
+                    tooltip="UNets: also patch the middle block. The official code leaves it dense; patching it can make images messy. "
+                    "DiTs have no middle block.",
                 ),
                 io.String.Input(
                     "blocks", default="", optional=True,
                     tooltip="Optional explicit block list that replaces the default set (and include_middle), "
-                    "e.g. 'input:4,5 output:3-5' or 'middle:0'. Empty: all input and output blocks.",
+                    "e.g. 'input:4,5 output:3-5' or 'middle:0'. Empty: all input and output blocks. "
+                    "On DiTs: block indexes such as 0-9,12 (empty: all).",
                 ),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
@@ -55,25 +47,29 @@ class ApplyPLADIS(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scale=2.0, alpha=1.5, start_percent=0.0, end_percent=1.0, include_middle=False, blocks="") -> io.NodeOutput:
-        for name, value in (("scale", scale), ("alpha", alpha), ("start_percent", start_percent), ("end_percent", end_percent)):
-            check_range(name, value, *RANGES[name])
-        if start_percent > end_percent:
-            raise ValueError(f"Apply PLADIS: start_percent ({start_percent}) is after end_percent ({end_percent}); make start_percent <= end_percent.")
+        check_pladis_inputs("Apply PLADIS", scale, alpha, start_percent, end_percent)
         diffusion_model = model.get_model_object("diffusion_model")
-        if not is_unet(diffusion_model):
-            raise unsupported_model_error("Apply PLADIS", model)
-        available = cross_attention_blocks(diffusion_model)
-        chosen = select_blocks(available, blocks or "", include_middle)
+        architecture = None if is_unet(diffusion_model) else find_architecture(diffusion_model, CROSS_ARCHITECTURES)
+        if architecture is None and not is_unet(diffusion_model):
+            raise unsupported_model_error("Apply PLADIS", model, SUPPORTED)
         sigma_start, sigma_end = percent_range_to_sigmas(model, start_percent, end_percent)
         settings = PladisSettings(float(scale), float(alpha), sigma_start, sigma_end)
+        effect = "no change (scale 0 or alpha 1 is plain attention)" if settings.is_identity else f"scale {scale}, alpha {alpha}"
+        steps = f"steps {start_percent:.0%}-{end_percent:.0%}"
 
         m = model.clone()
+        if architecture is not None:  # a DiT: blocks are indexes, include_middle means nothing
+            count = attention_blocks(diffusion_model, architecture)["block"]
+            chosen = {("block", i) for i in select_indexes("Apply PLADIS", "blocks", blocks or "all", count)}
+            patch_dit(m, architecture, chosen, settings)
+            logging.info(f"Apply PLADIS: patched the cross-attention of {len(chosen)} of {count} blocks of {model_type_name(model)}: {effect}, {steps}")
+            return io.NodeOutput(m)
+        chosen = select_blocks(cross_attention_blocks(diffusion_model), blocks or "", include_middle)
         count, reverted = register_attn2_patches(m, chosen, settings, optimized_attention)
-        effect = "no change (scale 0 or alpha 1 is plain attention)" if settings.is_identity else f"scale {scale}, alpha {alpha}"
         earlier = f"; {reverted} layers an earlier Apply PLADIS patched are plain again" if reverted else ""
         logging.info(
             f"Apply PLADIS: patched {count} cross-attention layers in {describe_blocks(chosen)} of {model_type_name(model)}: "
-            f"{effect}, steps {start_percent:.0%}-{end_percent:.0%}{earlier}"
+            f"{effect}, {steps}{earlier}"
         )
         return io.NodeOutput(m)
 

@@ -62,8 +62,11 @@ class ApplyTGATE(io.ComfyNode):
         if after_gate not in ("uncond", "cond"):
             raise ValueError(f"Apply TGATE: after_gate must be 'uncond' or 'cond', got {after_gate!r}.")
         modules = tgate.attention_modules(model.get_model_object("diffusion_model"))
+        supported = "models with cross-attention modules (SD1.x, SD2.x, SDXL, PixArt, Wan)"
         if not modules:
-            raise unsupported_model_error("Apply TGATE", model, "models with cross-attention modules (SD1.x, SD2.x, SDXL, PixArt, Wan)")
+            raise unsupported_model_error("Apply TGATE", model, supported)
+        if model_type_name(model).startswith("HunyuanDiT"):  # its attention modules return tuples, not outputs
+            raise ValueError(f"Apply TGATE works on {supported}; this model is {model_type_name(model)}, which it does not cache yet.")
 
         m = model.clone()
         schedule = tgate.TgateSchedule(**values)

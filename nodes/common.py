@@ -1,26 +1,69 @@
-"""What the nodes share: input checks and the words of their messages."""
+"""What the nodes share: the PLADIS inputs, input checks and the words of their messages."""
+from comfy_api.latest import io
 
-# Joint-attention models, where text and image share one softmax, need the Flux node.
-JOINT_ATTENTION_MODELS = ("Flux", "Chroma", "SD3", "QwenImage", "Lumina2", "HiDream", "AuraFlow")
+from ..pladis_core.selection import parse_index_list
+from .architectures import JOINT_ARCHITECTURES, find_architecture
+
+# Model types whose text and image tokens share one softmax, also those the Flux node does not patch.
+JOINT_ATTENTION_MODELS = (
+    "Flux", "Chroma", "SD3", "QwenImage", "Lumina2", "MingImage", "LongCatImage", "MageFlow", "HiDream", "AuraFlow",
+    "HunyuanVideo", "HunyuanImage",
+)
+RANGES = {"scale": (-5.0, 10.0), "alpha": (1.0, 2.0), "start_percent": (0.0, 1.0), "end_percent": (0.0, 1.0)}
 
 
-def check_range(name, value, low, high):
+def pladis_inputs():
+    """scale, alpha, start_percent and end_percent: the same in every PLADIS node."""
+    return [
+        io.Float.Input(
+            "scale", default=2.0, min=RANGES["scale"][0], max=RANGES["scale"][1], step=0.05,
+            tooltip="lambda: 0 is plain attention, 1 is pure entmax, 2 is the paper's setting. "
+            "Lower it (1.0-1.5) if tag-based models grow extra objects; higher over-smooths like high CFG.",
+        ),
+        io.Float.Input(
+            "alpha", default=1.5, min=RANGES["alpha"][0], max=RANGES["alpha"][1], step=0.05,
+            tooltip="Sparsity of the entmax map: 1.5 (default) and 2.0 (sparsemax) are the paper's choices; "
+            "1.0 is softmax, which changes nothing.",
+        ),
+        io.Float.Input(
+            "start_percent", default=0.0, min=RANGES["start_percent"][0], max=RANGES["start_percent"][1], step=0.01,
+            tooltip="Part of the schedule where PLADIS starts (0 = first step); before it attention is plain.",
+        ),
+        io.Float.Input(
+            "end_percent", default=1.0, min=RANGES["end_percent"][0], max=RANGES["end_percent"][1], step=0.01,
+            tooltip="Part of the schedule where PLADIS stops (1 = last step); after it attention is plain.",
+        ),
+    ]
+
+
+def check_pladis_inputs(node, scale, alpha, start_percent, end_percent):
     """Refuse values the UI would refuse, also when a node is called directly."""
-    if not low <= value <= high:
-        raise ValueError(f"{name} must lie between {low} and {high}, got {value}.")
+    for name, value in (("scale", scale), ("alpha", alpha), ("start_percent", start_percent), ("end_percent", end_percent)):
+        low, high = RANGES[name]
+        if not low <= value <= high:
+            raise ValueError(f"{name} must lie between {low} and {high}, got {value}.")
+    if start_percent > end_percent:
+        raise ValueError(f"{node}: start_percent ({start_percent}) is after end_percent ({end_percent}); make start_percent <= end_percent.")
 
 
 def model_type_name(model):
     return type(model.model).__name__
 
 
-def unsupported_model_error(node, model, supported="UNet models (SD1.x, SD2.x, SDXL)"):
+def unsupported_model_error(node, model, supported):
+    """The error of a node that cannot patch this model, with the way out where there is one."""
     name = model_type_name(model)
-    if any(name.startswith(joint) for joint in JOINT_ATTENTION_MODELS):
-        hint = "Its text and image tokens share one joint attention"
-        hint += ", which TGATE cannot cache." if node == "Apply TGATE" else ": use the 'PLADIS Flux Patch' node instead."
-    else:
+    joint = any(name.startswith(prefix) for prefix in JOINT_ATTENTION_MODELS)
+    if node == "PLADIS Flux Patch":
+        hint = "Its joint attention is not one this node knows." if joint else "For models with cross-attention use 'Apply PLADIS'."
+    elif not joint:
         hint = "It has no cross-attention that this node can patch."
+    elif node == "Apply TGATE":
+        hint = "Its text and image tokens share one joint attention, which TGATE cannot cache."
+    elif find_architecture(model.get_model_object("diffusion_model"), JOINT_ARCHITECTURES):
+        hint = "Its text and image tokens share one joint attention: use the 'PLADIS Flux Patch' node instead."
+    else:
+        hint = "Its text and image tokens share one joint attention, which this pack does not patch yet."
     return ValueError(f"{node} works on {supported}; this model is {name}. {hint}")
 
 
@@ -38,3 +81,22 @@ def describe_blocks(keys):
     for stage, number in keys:
         by_stage.setdefault(stage, []).append(number)
     return "; ".join(f"{stage} {','.join(map(str, sorted(numbers)))}" for stage, numbers in by_stage.items())
+
+
+def select_indexes(node, name, text, count):
+    """The block indexes a STRING input names: 'all', 'none' or a list such as 0-9,12.
+    Indexes the model lacks are an error that names them."""
+    words = text.strip().lower()
+    if words in ("all", ""):
+        return set(range(count))
+    if words == "none":
+        return set()
+    try:
+        wanted = set(parse_index_list(words))
+    except ValueError as e:
+        raise ValueError(f"{node}: {name} '{text}': {e}; write 'all', 'none' or indexes such as 0-9,12.") from None
+    missing = sorted(i for i in wanted if i >= count)
+    if missing:
+        has = f"0-{count - 1}" if count else "none"
+        raise ValueError(f"{node}: {name} names {', '.join(map(str, missing))}, which this model lacks; it has {has}.")
+    return wanted

@@ -5,7 +5,8 @@ import logging
 import pytest
 import torch
 
-from host_models import build_flux, build_unet, sample
+from host_dits import build_dit
+from host_models import build_unet, sample
 from reference import pladis_ref_projected
 
 SIZE = 64  # 8x8 latent: 64, 16 and 4 image tokens in the UNet's three attention resolutions
@@ -230,7 +231,7 @@ def test_bad_inputs_are_refused_with_what_to_change(models, apply, settings, mes
 
 def test_a_model_without_unet_cross_attention_is_refused(apply):
     with pytest.raises(ValueError, match=r"this model is Flux.*'PLADIS Flux Patch'"):
-        apply(build_flux())
+        apply(build_dit("flux"))
 
 
 def test_schema_matches_the_documented_inputs(host):

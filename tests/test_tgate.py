@@ -5,7 +5,8 @@ import logging
 import pytest
 import torch
 
-from host_models import build_dit, build_flux, build_unet, conditioning, sample, sample_dit
+from host_dits import build_dit, sample_dit
+from host_models import build_unet, conditioning, sample
 from reference import pladis_ref_projected
 
 SIZE, STEPS, CFG = 64, 6, 5.0
@@ -302,7 +303,12 @@ def test_bad_inputs_are_refused(models, nodes, settings, message):
 
 def test_joint_attention_models_are_refused(nodes):
     with pytest.raises(ValueError, match=r"Apply TGATE works on models with cross-attention.*this model is Flux.*cannot cache"):
-        nodes[0](build_flux())
+        nodes[0](build_dit("flux"))
+
+
+def test_hunyuan_dit_is_refused_rather_than_failing_mid_run(nodes):
+    with pytest.raises(ValueError, match=r"this model is HunyuanDiT, which it does not cache yet"):
+        nodes[0](build_dit("hunyuan_dit"))
 
 
 def test_schema(host):
@@ -320,7 +326,6 @@ def test_cross_attention_dits_freeze_to_the_mean_of_the_gate_step(host, nodes, k
     """PixArt and Wan: their cross_attn modules (PixArt's take no transformer_options)."""
     tgate, _ = nodes
     model = build_dit(kind, seed=2)
-    size = 512 if kind == "pixart" else 64  # PixArt's position embedding needs a 64x64 latent
     diffusion_model = model.model.diffusion_model
     outputs, projections = [], [0]
     blocks = [block for block in diffusion_model.modules() if hasattr(block, "cross_attn")]
@@ -328,7 +333,7 @@ def test_cross_attention_dits_freeze_to_the_mean_of_the_gate_step(host, nodes, k
     first_linear = lambda module: next(m for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
     handles += [first_linear(block.cross_attn).register_forward_hook(lambda *a: projections.__setitem__(0, projections[0] + 1)) for block in blocks]
     try:
-        result = sample_dit(tgate(model, gate_step=2, sp_interval=1), kind, steps=4, size=size)
+        result = sample_dit(tgate(model, gate_step=2, sp_interval=1), kind, steps=4, cfg=5.0)
     finally:
         for handle in handles:
             handle.remove()
@@ -338,8 +343,8 @@ def test_cross_attention_dits_freeze_to_the_mean_of_the_gate_step(host, nodes, k
     for n, out in outputs[2 * layers :]:
         assert out.shape[0] == 1  # one branch after the gate
         assert torch.allclose(out[0], at_gate[n].mean(0), atol=1e-6)
-    assert torch.equal(sample_dit(tgate(model, gate_step=4, sp_interval=1), kind, steps=4, size=size), sample_dit(model, kind, steps=4, size=size))
-    assert not torch.allclose(result, sample_dit(model, kind, steps=4, size=size))
+    assert torch.equal(sample_dit(tgate(model, gate_step=4, sp_interval=1), kind, steps=4, cfg=5.0), sample_dit(model, kind, steps=4, cfg=5.0))
+    assert not torch.allclose(result, sample_dit(model, kind, steps=4, cfg=5.0))
 
 
 def test_tiled_sampling_keeps_one_cache_per_tile(models, nodes):

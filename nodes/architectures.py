@@ -1,0 +1,129 @@
+"""Where PLADIS goes in each transformer (DiT) architecture, and how it is registered.
+
+One entry per diffusion-model class (matched along the class hierarchy by qualified name):
+which module lists hold its blocks, which module inside a block carries the attention,
+and how that attention is laid out. A new architecture is one entry here.
+"""
+from dataclasses import dataclass
+
+import comfy.patcher_extension
+from comfy.ldm.hydit.attn_layers import apply_rotary_emb
+
+from ..pladis_core.attention import merge_heads
+from ..pladis_core.dit import CROSS, JOINT, BlockTag, PladisForward, PladisOverride, evaluation_wrapper
+from ..pladis_core.tgate import CachedForward
+
+WRAPPER_KEY = "pladis_dit"
+OVERRIDE_KEY = "optimized_attention_override"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    blocks: tuple  # (kind, attribute of the diffusion model that lists the blocks), e.g. ("double", "double_blocks")
+    layout: str  # JOINT: text then image tokens in one sequence; CROSS: image queries, text keys
+    module: str = ""  # the attention module inside each block ("" = the block itself)
+    text_tokens: object = None  # JOINT: (diffusion_model, context) -> text tokens leading the sequence
+    text_call: object = None  # CROSS: module -> which of its attention calls attends to the text
+    forward: object = None  # for modules that call attention without transformer_options (see PladisForward)
+
+
+def _context_tokens(diffusion_model, context):
+    return context.shape[1]
+
+
+def _sd3_tokens(diffusion_model, context):
+    return context.shape[1] + diffusion_model.register_length  # learned register tokens lead the context
+
+
+def _lumina_tokens(diffusion_model, context):
+    multiple = getattr(diffusion_model, "pad_tokens_multiple", None)  # Z-Image pads the caption
+    return context.shape[1] + (-context.shape[1] % multiple if multiple else 0)
+
+
+def _wan_text_call(module):
+    return 1 if hasattr(module, "k_img") else 0  # I2V: the CLIP image tokens first, then the text
+
+
+def _pixart_qkv(module, x, cond, mask=None):
+    b, n, _ = x.shape
+    q = module.q_linear(x).view(b, n, module.num_heads, module.head_dim)
+    k, v = module.kv_linear(cond).view(b, -1, 2, module.num_heads, module.head_dim).unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lambda out: module.proj_drop(module.proj(merge_heads(out)))
+
+
+def _hunyuan_qkv(module, x, y, freqs_cis_img=None):
+    b, n, _ = x.shape
+    q = module.q_norm(module.q_proj(x).view(b, n, module.num_heads, module.head_dim))
+    k, v = module.kv_proj(y).view(b, y.shape[1], 2, module.num_heads, module.head_dim).unbind(2)
+    k = module.k_norm(k)
+    if freqs_cis_img is not None:
+        q, _ = apply_rotary_emb(q, None, freqs_cis_img)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lambda out: (module.proj_drop(module.out_proj(merge_heads(out))),)
+
+
+_FLUX = Architecture((("double", "double_blocks"), ("single", "single_blocks")), JOINT, text_tokens=_context_tokens)
+
+JOINT_ARCHITECTURES = {
+    "comfy.ldm.flux.model.Flux": _FLUX,  # Flux dev/schnell/Kontext, Flux.2
+    "comfy.ldm.chroma.model.Chroma": _FLUX,  # and Chroma Radiance
+    "comfy.ldm.modules.diffusionmodules.mmdit.MMDiT": Architecture((("double", "joint_blocks"),), JOINT, text_tokens=_sd3_tokens),
+    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": Architecture((("double", "transformer_blocks"),), JOINT, text_tokens=_context_tokens),
+    "comfy.ldm.lumina.model.NextDiT": Architecture((("single", "layers"),), JOINT, text_tokens=_lumina_tokens),  # Lumina2, Z-Image
+}
+CROSS_ARCHITECTURES = {
+    "comfy.ldm.wan.model.WanModel": Architecture((("block", "blocks"),), CROSS, "cross_attn", text_call=_wan_text_call),
+    "comfy.ldm.pixart.pixartms.PixArtMS": Architecture((("block", "blocks"),), CROSS, "cross_attn", forward=_pixart_qkv),
+    "comfy.ldm.hydit.models.HunYuanDiT": Architecture((("block", "blocks"),), CROSS, "attn2", forward=_hunyuan_qkv),
+}
+
+
+def find_architecture(diffusion_model, table):
+    for cls in type(diffusion_model).__mro__:
+        found = table.get(f"{cls.__module__}.{cls.__name__}")
+        if found is not None:
+            return found
+    return None
+
+
+def attention_blocks(diffusion_model, architecture):
+    """{kind: number of blocks} for the block lists this architecture patches."""
+    return {kind: len(getattr(diffusion_model, attribute, ())) for kind, attribute in architecture.blocks}
+
+
+def patch_dit(model, architecture, chosen, settings):
+    """Register PLADIS on a cloned ModelPatcher for the chosen (kind, index) blocks.
+
+    An earlier PLADIS on this model is replaced (the later node's settings are the whole
+    truth); a TGATE cache wrapper stays outermost; another node's override is chained.
+    """
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, evaluation_wrapper(architecture.text_tokens))
+    diffusion_model = model.get_model_object("diffusion_model")
+    for kind, attribute in architecture.blocks:
+        for index, block in enumerate(getattr(diffusion_model, attribute)):
+            key = (kind, index)
+            path = f"{attribute}.{index}" + (f".{architecture.module}" if architecture.module else "")
+            module = block if not architecture.module else getattr(block, architecture.module)
+            if architecture.forward is not None:
+                patch = lambda forward: PladisForward(forward, module, architecture.forward, settings) if key in chosen else forward  # noqa: E731
+            else:
+                call = architecture.text_call(module) if architecture.text_call else 0
+                patch = lambda forward: BlockTag(forward, key, architecture.layout, call)  # noqa: E731
+            target = f"diffusion_model.{path}.forward"
+            model.add_object_patch(target, _rewrap(model.get_model_object(target), patch))
+    if architecture.forward is None:
+        options = dict(model.model_options["transformer_options"])
+        earlier = options.get(OVERRIDE_KEY)
+        if isinstance(earlier, PladisOverride):
+            earlier = earlier.earlier
+        options[OVERRIDE_KEY] = PladisOverride(settings, chosen, earlier)
+        model.model_options["transformer_options"] = options
+
+
+def _rewrap(forward, patch):
+    """patch(forward) with any earlier PLADIS patch taken off, inside a TGATE cache wrapper."""
+    if isinstance(forward, CachedForward):
+        return CachedForward(_rewrap(forward.forward, patch), forward.kind, forward.layer)
+    if isinstance(forward, (BlockTag, PladisForward)):
+        forward = forward.forward
+    return patch(forward)

@@ -1,0 +1,308 @@
+"""PLADIS on DiTs in the real ComfyUI: "PLADIS Flux Patch" on joint attention and "Apply PLADIS"
+on cross-attention DiTs, each a small model from ComfyUI's classes sampled with comfy.sample.
+
+Every attention call of a run is checked against a float64 reference of the method: a
+recording override after the node's sees every call that passes transformer_options;
+PixArt and HunyuanDiT, whose modules pass none, are checked by running the module's own
+forward with the host's attention function swapped for the float64 reference.
+"""
+import pytest
+import torch
+
+from host_dits import DITS, TEXT_TOKENS, build_dit, sample_dit
+from host_models import build_unet
+from reference import joint_pladis_ref, pladis_ref
+
+OVERRIDE = "optimized_attention_override"
+JOINT_KINDS = ["flux", "chroma", "sd3", "sd35", "qwen_image", "lumina2", "z_image"]
+SCALE, ALPHA = 2.0, 1.5
+# Text tokens at the front of each joint sequence: Z-Image pads its caption to a multiple of 32.
+JOINT_TEXT = dict(TEXT_TOKENS, z_image=32)
+
+
+@pytest.fixture(scope="module")
+def flux_patch(host):
+    return lambda model, **kwargs: host.node("PladisFluxPatch").execute(model, **kwargs).result[0]
+
+
+@pytest.fixture(scope="module")
+def apply(host):
+    return lambda model, **kwargs: host.node("ApplyPLADIS").execute(model, **kwargs).result[0]
+
+
+@pytest.fixture(scope="module")
+def models(host):
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = build_dit(kind, seed=3)
+        return cache[kind]
+
+    return get
+
+
+class Recorder:
+    """An attention override installed after PLADIS's: records each call and the output it got."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = []
+
+    def __call__(self, func, q, k, v, heads, mask=None, **kwargs):
+        out = self.inner(func, q, k, v, heads, mask=mask, **kwargs) if self.inner else func(q, k, v, heads, mask=mask, **kwargs)
+        options = kwargs.get("transformer_options") or {}
+        block = (options.get("block_type"), options.get("block_index"))
+        self.calls.append((q, k, v, heads, mask, kwargs.get("skip_reshape", False), out.clone(), block, options.get("sigmas")))
+        return out
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def recording(model):
+    m = model.clone()
+    options = dict(m.model_options["transformer_options"])
+    recorder = options[OVERRIDE] = Recorder(options.get(OVERRIDE))
+    m.model_options["transformer_options"] = options
+    return m, recorder
+
+
+def heads_first(t, heads, skip_reshape):
+    return t if skip_reshape else t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+
+def four_dimensional(mask):
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask[None, None] if mask.dim() == 2 else mask[:, None]
+
+
+def reference_of(call, text=None):
+    """The float64 output a call should have: joint PLADIS with `text` leading tokens, PLADIS on
+    all keys (text="all"), or dense attention (None)."""
+    q, k, v, heads, mask, skip_reshape, out, _, _ = call
+    q, k, v = (heads_first(t, heads, skip_reshape) for t in (q, k, v))
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    mask = four_dimensional(mask)
+    if text is None:
+        ref = pladis_ref(q, k, v, 0.0, ALPHA, mask)
+    elif text == "all":
+        ref = pladis_ref(q, k, v, SCALE, ALPHA, mask)
+    else:
+        ref = joint_pladis_ref(q, k, v, slice(0, text), SCALE, ALPHA, mask)
+    return ref if out.dim() == 4 else ref.transpose(1, 2).flatten(-2)
+
+
+def max_error(call, ref):
+    out = call[6].double()
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def joint_calls(recorder):
+    """The joint-attention calls: the longest sequences (refiners and SD3.5's image-only attention are shorter)."""
+    length = max(call[0].shape[-2] if call[5] else call[0].shape[1] for call in recorder.calls)
+    return [call for call in recorder.calls if (call[0].shape[-2] if call[5] else call[0].shape[1]) == length]
+
+
+# --- PLADIS Flux Patch on joint attention ---
+
+
+@pytest.mark.parametrize("kind", JOINT_KINDS)
+def test_every_joint_attention_call_matches_the_float64_reference(models, flux_patch, kind):
+    model, recorder = recording(flux_patch(models(kind), scale=SCALE, alpha=ALPHA))
+    sample_dit(model, kind, steps=2)
+    joint = joint_calls(recorder)
+    assert len(joint) == 2 * sum(1 for _ in _joint_blocks(models(kind)))  # 2 steps, cond and uncond in one batch
+    for call in recorder.calls:
+        patched = any(call is j for j in joint)
+        assert max_error(call, reference_of(call, JOINT_TEXT[kind] if patched else None)) < 2e-5
+    # The correction is not negligible: PLADIS changes the joint calls.
+    assert max(((j[6].double() - reference_of(j)).abs().max() / reference_of(j).abs().max()).item() for j in joint) > 1e-2
+
+
+def _joint_blocks(model):
+    dm = model.model.diffusion_model
+    for name in ("double_blocks", "single_blocks", "joint_blocks", "transformer_blocks", "layers"):
+        yield from getattr(dm, name, ())
+
+
+def test_flux_text_mask_and_kontext_reference_tokens(models, flux_patch):
+    """A padded text key gets zero weight in both maps; Kontext reference tokens (after the image) count as image."""
+    model, recorder = recording(flux_patch(models("flux"), scale=SCALE, alpha=ALPHA))
+    sample_dit(model, "flux", steps=2, attention_mask=20)
+    for call in recorder.calls:
+        assert call[4] is not None and torch.isinf(call[4][..., 20:32]).all()  # the host passed the mask on
+        assert max_error(call, reference_of(call, 32)) < 2e-5
+    model, recorder = recording(flux_patch(models("flux"), scale=SCALE, alpha=ALPHA))
+    sample_dit(model, "flux", steps=2, reference=True)
+    assert {call[0].shape[-2] for call in recorder.calls} == {32 + 64 + 64}
+    for call in recorder.calls:
+        assert max_error(call, reference_of(call, 32)) < 2e-5
+
+
+@pytest.mark.parametrize("kind", JOINT_KINDS)
+def test_scale_zero_gives_the_unpatched_result_bit_for_bit(models, flux_patch, kind):
+    plain = sample_dit(models(kind), kind, steps=2)
+    assert torch.equal(sample_dit(flux_patch(models(kind), scale=0.0), kind, steps=2), plain)
+    assert torch.equal(sample_dit(flux_patch(models(kind), alpha=1.0), kind, steps=2), plain)
+    assert not torch.allclose(sample_dit(flux_patch(models(kind)), kind, steps=2), plain)
+
+
+@pytest.mark.parametrize(
+    "double, single, patched",
+    [("0", "none", {("double", 0)}), ("none", "all", {("single", 0)}), ("none", "none", set()), ("all", "0", {("double", 0), ("single", 0)})],
+)
+def test_block_selection_is_honoured(models, flux_patch, double, single, patched):
+    model, recorder = recording(flux_patch(models("flux"), double_blocks=double, single_blocks=single))
+    sample_dit(model, "flux", steps=2)
+    assert {call[7] for call in recorder.calls} == {("double", 0), ("single", 0)}  # the host names Flux's blocks
+    for call in recorder.calls:
+        assert max_error(call, reference_of(call, 32 if call[7] in patched else None)) < 2e-5
+
+
+def test_step_range_is_honoured(models, flux_patch):
+    model = models("flux")
+    sampling = model.get_model_object("model_sampling")
+    start, end = 0.3, 0.7
+    patched, recorder = recording(flux_patch(model, start_percent=start, end_percent=end))
+    sample_dit(patched, "flux", steps=6)
+    high, low = float(sampling.percent_to_sigma(start)), float(sampling.percent_to_sigma(end))
+    in_range = [low <= float(call[8][0]) <= high for call in recorder.calls]
+    assert any(in_range) and not all(in_range)
+    for call, active in zip(recorder.calls, in_range):
+        assert max_error(call, reference_of(call, 32 if active else None)) < 2e-5
+
+
+def test_the_incoming_model_is_untouched(models, flux_patch):
+    model = models("flux")
+    options, objects = repr(model.model_options), dict(model.object_patches)
+    before = sample_dit(model, "flux", steps=2)
+    flux_patch(model)
+    assert repr(model.model_options) == options and model.object_patches == objects
+    assert torch.equal(sample_dit(model, "flux", steps=2), before)
+
+
+def test_an_earlier_override_still_serves_every_call(models, flux_patch):
+    """A SageAttention-style override installed before the node computes the dense part of every call."""
+    earlier, recorder = recording(models("flux"))
+    sample_dit(flux_patch(earlier, scale=SCALE, alpha=ALPHA), "flux", steps=2)
+    assert len(recorder.calls) == 2 * 2  # every call of 2 steps in both blocks went through it
+    patched, after = recording(flux_patch(earlier, scale=SCALE, alpha=ALPHA))
+    sample_dit(patched, "flux", steps=2)
+    assert len(recorder.calls) == 2 * 4 and len(after.calls) == 4
+    for call in after.calls:
+        assert max_error(call, reference_of(call, 32)) < 2e-5
+
+
+def test_a_later_node_replaces_an_earlier_one(models, flux_patch):
+    once = flux_patch(models("flux"), scale=1.0)
+    twice = flux_patch(once, scale=SCALE, alpha=ALPHA, single_blocks="none")
+    assert torch.equal(sample_dit(twice, "flux", steps=2), sample_dit(flux_patch(models("flux"), scale=SCALE, alpha=ALPHA, single_blocks="none"), "flux", steps=2))
+    assert torch.equal(sample_dit(flux_patch(once, scale=0.0), "flux", steps=2), sample_dit(models("flux"), "flux", steps=2))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"double_blocks": "0-3"}, r"double_blocks names 1, 2, 3, which this model lacks; it has 0-0"),
+        ({"single_blocks": "2,x"}, r"single_blocks '2,x': 'x' is not an index"),
+        ({"double_blocks": "5-1"}, r"runs backwards"),
+        ({"scale": 11.0}, r"scale must lie between -5.0 and 10.0"),
+        ({"start_percent": 0.8, "end_percent": 0.2}, r"start_percent \(0.8\) is after end_percent"),
+    ],
+)
+def test_bad_inputs_are_refused_with_what_to_change(models, flux_patch, settings, message):
+    with pytest.raises(ValueError, match=message):
+        flux_patch(models("flux"), **settings)
+
+
+def test_sd3_has_no_single_blocks_to_select(models, flux_patch):
+    with pytest.raises(ValueError, match=r"single_blocks names 0, which this model lacks; it has none"):
+        flux_patch(models("sd3"), single_blocks="0")
+
+
+def test_models_without_joint_attention_are_refused(host, models, flux_patch, apply):
+    with pytest.raises(ValueError, match=r"PLADIS Flux Patch works on joint-attention models.*this model is SDXL.*use 'Apply PLADIS'"):
+        flux_patch(build_unet("sdxl"))
+    with pytest.raises(ValueError, match=r"this model is WAN21.*use 'Apply PLADIS'"):
+        flux_patch(models("wan"))
+    with pytest.raises(ValueError, match=r"Apply PLADIS works on .*this model is SD3.*use the 'PLADIS Flux Patch' node"):
+        apply(models("sd3"))
+
+
+def test_flux_patch_schema(host):
+    schema = host.node("PladisFluxPatch").define_schema()
+    assert (schema.display_name, schema.category) == ("PLADIS Flux Patch", "model_patches/unet")
+    inputs = {i.id: i for i in schema.inputs}
+    assert list(inputs) == ["model", "scale", "alpha", "start_percent", "end_percent", "double_blocks", "single_blocks"]
+    assert [inputs[k].default for k in list(inputs)[1:]] == [2.0, 1.5, 0.0, 1.0, "all", "all"]
+    assert (inputs["scale"].min, inputs["scale"].max, inputs["alpha"].min, inputs["alpha"].max) == (-5.0, 10.0, 1.0, 2.0)
+    assert all(i.tooltip for i in schema.inputs)
+
+
+# --- Apply PLADIS on cross-attention DiTs ---
+
+
+@pytest.mark.parametrize("kind", ["wan", "wan_i2v"])
+def test_wan_text_cross_attention_matches_the_reference_and_the_clip_image_call_stays_dense(models, apply, kind):
+    model, recorder = recording(apply(models(kind), scale=SCALE, alpha=ALPHA))
+    sample_dit(model, kind, steps=2)
+    text_calls = [call for call in recorder.calls if call[1].shape[1] == 77]
+    assert len(text_calls) == 2 * 2  # 2 steps x 2 blocks
+    image_calls = [call for call in recorder.calls if call[1].shape[1] == 257]
+    assert len(image_calls) == (4 if kind == "wan_i2v" else 0)
+    for call in recorder.calls:
+        assert max_error(call, reference_of(call, "all" if any(call is c for c in text_calls) else None)) < 2e-5
+
+
+@pytest.mark.parametrize("kind, module_name, attention_module", [("pixart", "cross_attn", "comfy.ldm.pixart.blocks"), ("hunyuan_dit", "attn2", "comfy.ldm.hydit.attn_layers")])
+def test_pixart_and_hunyuan_cross_attention_match_the_reference(models, apply, monkeypatch, kind, module_name, attention_module):
+    """Their modules call attention without transformer_options: each call's output is checked against
+    the module's own forward run with the host's attention function replaced by the float64 reference."""
+    import importlib
+
+    model = apply(models(kind), scale=SCALE, alpha=ALPHA)
+    calls = []
+    for path, forward in list(model.object_patches.items()):
+        if path.endswith(f".{module_name}.forward"):
+            module = model.get_model_object(path.rsplit(".", 1)[0])
+            model.add_object_patch(path, lambda *a, f=forward, m=module, **kw: calls.append((m, a, kw, f(*a, **kw))) or calls[-1][3])
+    sample_dit(model, kind, steps=2)
+    blocks = len(models(kind).model.diffusion_model.blocks)
+    assert len(calls) == 2 * blocks
+
+    def reference_attention(q, k, v, heads, mask=None, skip_reshape=False, **kwargs):
+        qh, kh, vh = (heads_first(t, heads, skip_reshape) for t in (q, k, v))
+        return pladis_ref(qh, kh, vh, SCALE, ALPHA).float().transpose(1, 2).flatten(-2)
+
+    monkeypatch.setattr(importlib.import_module(attention_module), "optimized_attention", reference_attention)
+    with torch.inference_mode():
+        for module, args, kwargs, out in calls:
+            ref = type(module).forward(module, *args, **kwargs)
+            out, ref = (t[0] if isinstance(t, tuple) else t for t in (out, ref))
+            # After the output projection, of large random logits (PixArt has no q/k norm).
+            assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["wan", "wan_i2v", "pixart", "hunyuan_dit"])
+def test_cross_attention_dits_scale_zero_is_unpatched_and_blocks_select_indexes(models, apply, kind):
+    plain = sample_dit(models(kind), kind, steps=2)
+    assert torch.equal(sample_dit(apply(models(kind), scale=0.0), kind, steps=2), plain)
+    full = sample_dit(apply(models(kind)), kind, steps=2)
+    assert not torch.allclose(full, plain)
+    first = sample_dit(apply(models(kind), blocks="0"), kind, steps=2)
+    assert not torch.allclose(first, plain) and not torch.allclose(first, full)
+    with pytest.raises(ValueError, match=r"blocks names 9, which this model lacks"):
+        apply(models(kind), blocks="1,9")
+
+
+@pytest.mark.parametrize("kind", ["pixart", "wan"])
+def test_pladis_and_tgate_combine_in_either_order(host, models, apply, kind):
+    tgate = lambda model: host.node("ApplyTGATE").execute(model, gate_step=2, sp_interval=1).result[0]  # noqa: E731
+    model = models(kind)
+    pladis_first = sample_dit(tgate(apply(model)), kind, steps=4)
+    assert torch.equal(sample_dit(apply(tgate(model)), kind, steps=4), pladis_first)
+    assert not torch.allclose(pladis_first, sample_dit(tgate(model), kind, steps=4))  # PLADIS acts before the gate
+    assert not torch.allclose(pladis_first, sample_dit(apply(model), kind, steps=4))  # and TGATE freezes after it
