@@ -39,13 +39,15 @@ ALPHAS = (1.5, 2.0, 1.25)
 SCALE = 2.0
 # End to end: full-width architectures with random weights, small on a CPU.
 E2E = {"sd15": {"cpu": 256, "cuda": 512}, "sdxl": {"cpu": 256, "cuda": 1024}}
+# Joint attention, Flux: (text tokens, image tokens, heads, dim_head) at 1024px and 512px.
+JOINT_SHAPES = {"Flux 1024px": (512, 4096, 24, 128), "Flux 512px": (512, 1024, 24, 128)}
 TGATE_STEPS = 25
 PAPER_TGATE_SPEEDUP = {"sd15": 1.63, "sdxl": 1.68}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="layers,e2e,memory,tgate")
+    parser.add_argument("--parts", default="layers,joint,e2e,memory,tgate")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes, for a smoke run")
     parser.add_argument("--steps", type=int, default=4, help="sampler steps end to end")
     parser.add_argument("--size", type=int, help="image size of the end-to-end and TGATE runs (default: small on a CPU)")
@@ -59,6 +61,8 @@ def main():
     parts = args.parts.split(",")
     if "layers" in parts:
         report["layers"] = bench_layers(device, args.quick)
+    if "joint" in parts:
+        report["joint"] = bench_joint(device, args.quick)
     if "memory" in parts:
         report["memory"] = bench_memory(device, args.quick)
     if "e2e" in parts:
@@ -167,19 +171,56 @@ def bench_layers(device, quick):
     return rows
 
 
+def joint_inputs(shape, device):
+    text, image, heads, d = shape
+    q, k, v = inputs((1, heads, text + image, text + image, d), device)
+    return q, k, v, text
+
+
+def joint_call(q, k, v, text, method):
+    """What PLADIS Flux Patch does in one joint-attention call: the host's dense attention of
+    every row, plus the correction of the image rows ("pladis"); or the dense part alone."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    from pladis_core.attention import joint_residual
+
+    out = optimized_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
+    if method == "pladis":
+        out[..., text:, :] += joint_residual(q[..., text:, :], k, v, slice(0, text), SCALE, 1.5).to(out.dtype)
+    return out
+
+
+def bench_joint(device, quick):
+    """One joint-attention call: the host's dense attention, then with the PLADIS correction added."""
+    rows = []
+    for name, shape in JOINT_SHAPES.items():
+        if quick and name != "Flux 512px":
+            continue
+        q, k, v, text = joint_inputs(shape, device)
+        dense = median_time(lambda: joint_call(q, k, v, text, "dense"), device, 3 if quick else 5)
+        pladis = median_time(lambda: joint_call(q, k, v, text, "pladis"), device, 3 if quick else 5)
+        rows.append({"shape": name, "dense_ms": dense * 1e3, "pladis_ms": pladis * 1e3, "ratio": pladis / dense})
+        print(f"{name} joint attention: with PLADIS {pladis / dense:.2f}x the host's dense call", flush=True)
+    return rows
+
+
 MEMORY_PROBE = """
 import os, sys, torch
 sys.path.append({pack!r})
-from bench.run import inputs
+from bench.run import inputs, joint_call, joint_inputs
 from pladis_core.attention import pladis_attention
 from comfy.ldm.modules.attention import optimized_attention
 device = torch.device({device!r})
-q, k, v = inputs({shape!r}, device)
-heads = {shape!r}[1]
-merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
-call = (lambda: optimized_attention(*merged, heads)) if {method!r} == "dense" else (lambda: pladis_attention(q, k, v, 2.0, 1.5))
-small = [t[..., :8, :] for t in (q, k, v)]
-pladis_attention(small[0], k, v, 2.0, 1.5)  # compile outside the measurement
+if {joint!r}:
+    q, k, v, text = joint_inputs({shape!r}, device)
+    call = lambda: joint_call(q, k, v, text, {method!r})
+    joint_call(q[..., :text + 8, :], k, v, text, "pladis")  # compile outside the measurement
+else:
+    q, k, v = inputs({shape!r}, device)
+    heads = {shape!r}[1]
+    merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
+    call = (lambda: optimized_attention(*merged, heads)) if {method!r} == "dense" else (lambda: pladis_attention(q, k, v, 2.0, 1.5))
+    pladis_attention(q[..., :8, :], k, v, 2.0, 1.5)  # compile outside the measurement
 if device.type == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
     out = call(); torch.cuda.synchronize()
@@ -199,17 +240,23 @@ def bench_memory(device, quick):
 
     root = str(comfyui_host.find_comfyui() or comfyui_host.comfyui_path())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(PACK)]), MALLOC_MMAP_THRESHOLD_="65536")
+    calls = [(name, shape, False) for name, shape in shapes(device, quick)]
+    calls += [(f"{name} joint attention", shape, True) for name, shape in JOINT_SHAPES.items() if not quick or name == "Flux 512px"]
     rows = []
-    for name, shape in shapes(device, quick):
+    for name, shape, joint in calls:
         measured = {}
         for method in ("dense", "pladis"):
             code = "from comfy.cli_args import args; args.cpu = {cpu}\n".format(cpu=device.type == "cpu")
-            code += MEMORY_PROBE.format(pack=str(PACK), device=device.type, shape=shape, method=method)
+            code += MEMORY_PROBE.format(pack=str(PACK), device=device.type, shape=shape, method=method, joint=joint)
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
             if out.returncode:
                 raise RuntimeError(out.stderr[-2000:])
             measured[method] = float(out.stdout.split()[-1])
-        b, h, n, _, d = shape
+        if joint:
+            text, image, h, d = shape
+            b, n = 1, text + image
+        else:
+            b, h, n, _, d = shape
         output_mib = b * h * n * d * 4 / 2**20
         rows.append({"shape": name, "dense_mib": measured["dense"], "pladis_mib": measured["pladis"],
                      "output_mib": output_mib, "extra_over_dense_mib": measured["pladis"] - measured["dense"]})
@@ -289,6 +336,10 @@ def markdown(report):
             f"| {r['pladis_plain_vs_host']:.2f}x | {r['naive_vs_pladis']:.1f}x |"
             for r in report["layers"]
         ]
+        lines.append("")
+    if "joint" in report:
+        lines += ["| joint-attention call (alpha 1.5) | host dense ms | dense + PLADIS ms | ratio |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['shape']} | {r['dense_ms']:.0f} | {r['pladis_ms']:.0f} | {r['ratio']:.2f}x |" for r in report["joint"]]
         lines.append("")
     if "e2e" in report:
         lines += ["| model (full width, random weights) | size | steps | without s | with PLADIS s | ratio |", "| --- | --- | --- | --- | --- | --- |"]
