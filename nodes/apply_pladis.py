@@ -62,7 +62,8 @@ class ApplyPLADIS(io.ComfyNode):
             count = attention_blocks(diffusion_model, architecture)["block"]
             chosen = {("block", i) for i in select_indexes("Apply PLADIS", "blocks", blocks or "all", count)}
             patch_dit(m, architecture, chosen, settings)
-            logging.info(f"Apply PLADIS: patched the cross-attention of {len(chosen)} of {count} blocks of {model_type_name(model)}: {effect}, {steps}")
+            ignored = "; include_middle means nothing on a DiT and was ignored" if include_middle else ""
+            logging.info(f"Apply PLADIS: patched the cross-attention of {len(chosen)} of {count} blocks of {model_type_name(model)}: {effect}, {steps}{ignored}")
             return io.NodeOutput(m)
         chosen = select_blocks(cross_attention_blocks(diffusion_model), blocks or "", include_middle)
         count, reverted = register_attn2_patches(m, chosen, settings, optimized_attention)

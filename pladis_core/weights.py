@@ -6,6 +6,7 @@ The fused function of fused.py is compiled with torch.compile (C++ on the CPU, T
 CUDA) the first time a device type needs it. If compiling or running it fails, or
 PLADIS_COMPILE=0, the exact eager functions below serve instead.
 """
+import inspect
 import logging
 import os
 
@@ -15,6 +16,9 @@ from .entmax import entmax, softmax
 from .fused import family_of, fused_pladis_weights, newton_steps
 
 _compiled = {}  # device type -> compiled fused function, or None where it failed
+# One graph per (family, steps, residual) and shape kind: more than dynamo's default of 8,
+# after which it would run the fused code uncompiled. Older torch has no per-call limit.
+_RECOMPILE_LIMIT = {"recompile_limit": 48} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
 
 
 def eager_pladis_weights(z, scale, alpha, residual=False):
@@ -52,7 +56,7 @@ def _fused_for(device):
         return None
     if device.type not in _compiled:
         logging.info(f"PLADIS: compiling the fused entmax kernel for {device.type} (the first use takes a while)")
-        _compiled[device.type] = torch.compile(fused_pladis_weights, dynamic=True)
+        _compiled[device.type] = torch.compile(fused_pladis_weights, dynamic=True, **_RECOMPILE_LIMIT)
     return _compiled[device.type]
 
 
