@@ -65,16 +65,20 @@ def _joint_weights(z_text, row_lse, scale, alpha):
 def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
     """log sum_j exp(z_j) over every key, per query row: float32 (batch, heads, queries, 1).
 
-    torch's memory-efficient attention kernels compute it on the way (the flash kernel on
-    the CPU, the memory-efficient one on CUDA); where none serves, chunks of float32 logits.
+    torch's memory-efficient attention kernels compute it on the way (on the CPU its flash
+    kernel; on CUDA its flash or memory-efficient kernel, without masks); where none serves,
+    chunks of float32 logits.
     """
     kernel = _LSE_KERNELS.get(q.device.type) if acceleration_enabled() else None
     if kernel is not None:
         try:
-            return kernel(q, k, None if mask is None else _additive(mask, q.dtype)).float().unsqueeze(-1)
+            lse = kernel(q, k, None if mask is None else _additive(mask, q.dtype))
         except Exception as error:  # an old torch, or a shape or dtype the kernel refuses
             logging.warning(f"PLADIS: torch's attention kernel gave no log-sum-exp on {q.device.type}, computing it in chunks: {error}")
             _LSE_KERNELS[q.device.type] = None
+        else:
+            if lse is not None:
+                return lse.float().unsqueeze(-1)
     out = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
     kt, scale = k.float().transpose(-1, -2), 1.0 / math.sqrt(q.shape[-1])
     for rows in _row_chunks(q, k.shape[-2], _LSE_LIVE_BUFFERS, chunk_bytes):
@@ -85,10 +89,19 @@ def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
     return out
 
 
-# The output is a by-product (k stands in for v); the second result is the log-sum-exp.
+def _cuda_logsumexp(q, k, mask):
+    if mask is not None:
+        return None  # its bias would have to be a full (queries x keys) tensor: chunks instead
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, k)[1]
+    # Its log-sum-exp has the rows padded to a multiple of 32.
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True)[1][..., : q.shape[-2]]
+
+
+# The attention output is a by-product (k stands in for v); the log-sum-exp is what is used.
 _LSE_KERNELS = {
     "cpu": lambda q, k, mask: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, attn_mask=mask)[1],
-    "cuda": lambda q, k, mask: torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, mask, True)[1][..., : q.shape[-2]],
+    "cuda": _cuda_logsumexp,
 }
 
 
