@@ -10,7 +10,9 @@ import comfy.patcher_extension
 from comfy.ldm.hydit.attn_layers import apply_rotary_emb
 
 from ..pladis_core.attention import merge_heads
-from ..pladis_core.dit import CROSS, JOINT, BlockTag, PladisForward, PladisOverride, evaluation_wrapper
+from ..pladis_core.dit import (
+    CROSS, JOINT, BlockTag, CaptureForward, CaptureOverride, PladisForward, PladisOverride, evaluation_wrapper,
+)
 from ..pladis_core.tgate import CachedForward
 
 WRAPPER_KEY = "pladis_dit"
@@ -96,6 +98,26 @@ def patch_dit(model, architecture, chosen, settings):
     An earlier PLADIS on this model is replaced (the later node's settings are the whole
     truth); a TGATE cache wrapper stays outermost; another node's override is chained.
     """
+    register_dit(
+        model, architecture, chosen,
+        lambda earlier: PladisOverride(settings, chosen, earlier),
+        lambda forward, module: PladisForward(forward, module, architecture.forward, settings),
+    )
+
+
+def capture_dit(model, architecture, collector):
+    """Register the preview's recorders on every block of a cloned ModelPatcher (PLADIS taken off)."""
+    every = {(kind, i) for kind, n in attention_blocks(model.get_model_object("diffusion_model"), architecture).items() for i in range(n)}
+    register_dit(
+        model, architecture, every,
+        lambda earlier: CaptureOverride(collector, every, earlier),
+        lambda forward, module: CaptureForward(forward, module, architecture.forward, collector),
+    )
+
+
+def register_dit(model, architecture, chosen, make_override, make_forward):
+    """The APPLY_MODEL wrapper, and on each block either a BlockTag (with make_override's
+    attention override) or, where attention gets no transformer_options, make_forward's forward."""
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, evaluation_wrapper(architecture.text_tokens))
     diffusion_model = model.get_model_object("diffusion_model")
@@ -105,7 +127,7 @@ def patch_dit(model, architecture, chosen, settings):
             path = f"{attribute}.{index}" + (f".{architecture.module}" if architecture.module else "")
             module = block if not architecture.module else getattr(block, architecture.module)
             if architecture.forward is not None:
-                patch = lambda forward: PladisForward(forward, module, architecture.forward, settings) if key in chosen else forward  # noqa: E731
+                patch = lambda forward: make_forward(forward, module) if key in chosen else forward  # noqa: E731
             else:
                 call = architecture.text_call(module) if architecture.text_call else 0
                 patch = lambda forward: BlockTag(forward, key, architecture.layout, call)  # noqa: E731
@@ -114,16 +136,25 @@ def patch_dit(model, architecture, chosen, settings):
     if architecture.forward is None:
         options = dict(model.model_options["transformer_options"])
         earlier = options.get(OVERRIDE_KEY)
-        if isinstance(earlier, PladisOverride):
+        if isinstance(earlier, (PladisOverride, CaptureOverride)):
             earlier = earlier.earlier
-        options[OVERRIDE_KEY] = PladisOverride(settings, chosen, earlier)
+        options[OVERRIDE_KEY] = make_override(earlier)
         model.model_options["transformer_options"] = options
+
+
+def token_grid(diffusion_model, latent_shape):
+    """(frames, height, width) of a DiT's image tokens for a latent of this shape."""
+    patch = getattr(diffusion_model, "patch_size", 2)
+    patch = tuple(patch) if isinstance(patch, (tuple, list)) else (1, patch, patch)
+    frames = latent_shape[2] if len(latent_shape) == 5 else 1
+    height, width = latent_shape[-2:]
+    return tuple(-(-size // p) for size, p in zip((frames, height, width), patch))
 
 
 def _rewrap(forward, patch):
     """patch(forward) with any earlier PLADIS patch taken off, inside a TGATE cache wrapper."""
     if isinstance(forward, CachedForward):
         return CachedForward(_rewrap(forward.forward, patch), forward.kind, forward.layer)
-    if isinstance(forward, (BlockTag, PladisForward)):
+    if isinstance(forward, (BlockTag, PladisForward, CaptureForward)):
         forward = forward.forward
     return patch(forward)

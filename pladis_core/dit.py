@@ -101,17 +101,18 @@ class PladisOverride:
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
         options = dict(mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
         out = self.earlier(func, q, k, v, heads, **options) if self.earlier is not None else func(q, k, v, heads, **options)
-        run, evaluation = _BLOCK.get(None), _EVALUATION.get(None)
-        if run is None or not run.next_call_is_patched() or run.tag.key not in self.blocks or self.settings.is_identity:
+        run, evaluation = _patched_call(self.blocks)
+        if run is None or self.settings.is_identity:
             return out
         sigmas = (kwargs.get("transformer_options") or {}).get("sigmas", evaluation.sigmas if evaluation else None)
         active = self.settings.active_rows(sigmas, q.shape[0])
         if active is not None and not bool(active.any()):
             return out
         if not skip_reshape:
-            q, k, v = split_heads(heads, q, k, v)
-        if k.shape[1] != q.shape[1]:  # grouped-query attention
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            v = split_heads(heads, v)[0]
+        if v.shape[1] != heads:  # grouped-query attention
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        q, k = _heads_first(q, k, heads, skip_reshape)
         rows, correction = self._correction(run.tag.layout, q, k, v, _four_dimensional(mask), active, evaluation)
         if correction is None:
             return out
@@ -140,6 +141,67 @@ class PladisOverride:
 
     def __deepcopy__(self, memo):
         return self  # immutable; ComfyUI 0.3.75 deep-copies model options on every clone
+
+
+def _patched_call(blocks):
+    """(the block run, the evaluation) when this attention call is the one to patch in a chosen block, else (None, None)."""
+    run = _BLOCK.get(None)
+    if run is None or not run.next_call_is_patched() or run.tag.key not in blocks:
+        return None, None
+    return run, _EVALUATION.get(None)
+
+
+def _heads_first(q, k, heads, skip_reshape):
+    if not skip_reshape:
+        q, k = split_heads(heads, q, k)
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return q, k
+
+
+class CaptureOverride:
+    """optimized_attention_override for "PLADIS Attention Preview": records the token maps of
+    every tagged block's text attention (see preview.MapCollector), and changes nothing."""
+
+    def __init__(self, collector, blocks, earlier=None):
+        self.collector = collector
+        self.blocks = frozenset(blocks)
+        self.earlier = earlier
+
+    def __call__(self, func, q, k, v, heads, mask=None, skip_reshape=False, **kwargs):
+        run, evaluation = _patched_call(self.blocks)
+        if run is not None:
+            qh, kh = _heads_first(q[:1], k[:1], heads, skip_reshape)
+            mask4 = _four_dimensional(mask)
+            mask4 = mask4[:1] if mask4 is not None and mask4.shape[0] == q.shape[0] else mask4
+            if run.tag.layout == CROSS:
+                self.collector.add(qh, kh, mask=mask4)
+            elif evaluation is not None and 0 < evaluation.text_tokens < qh.shape[-2]:
+                text = evaluation.text_tokens
+                if mask4 is not None and mask4.shape[-2] == qh.shape[-2]:
+                    mask4 = mask4[..., text:, :]
+                self.collector.add(qh[..., text:, :], kh, text=slice(0, text), mask=mask4)
+        options = dict(mask=mask, skip_reshape=skip_reshape, **kwargs)
+        return self.earlier(func, q, k, v, heads, **options) if self.earlier is not None else func(q, k, v, heads, **options)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class CaptureForward:
+    """Object patch on a PixArt / HunyuanDiT cross-attention forward for the preview: records
+    the token maps from the module's projections, then runs the forward unchanged."""
+
+    def __init__(self, forward, module, adapter, collector):
+        self.forward = forward
+        self.module = module
+        self.adapter = adapter
+        self.collector = collector
+
+    def __call__(self, *args, **kwargs):
+        q, k, _, _ = self.adapter(self.module, *args, **kwargs)
+        self.collector.add(q[:1], k[:1])
+        return self.forward(*args, **kwargs)
 
 
 def _four_dimensional(mask):
