@@ -32,6 +32,13 @@ class Host:
         # The loader names the package after its path; find it through one of our nodes.
         self.package = nodes.NODE_CLASS_MAPPINGS["ApplyPLADIS"].__module__.rsplit(".nodes.", 1)[0]
 
+    def all_nodes(self):
+        """Every node the host registers, its built-in extras (comfy_extras) included, loaded once."""
+        if not getattr(self, "_extras_loaded", False):
+            asyncio.run(self.nodes.init_builtin_extra_nodes())
+            self._extras_loaded = True
+        return self.nodes.NODE_CLASS_MAPPINGS
+
     def node(self, node_id):
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
