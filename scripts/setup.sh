@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Sets up .venv with torch, entmax, the test tools and what ComfyUI needs to run, and the
-# pinned ComfyUI when no other is found (see scripts/comfyui_host.py). Idempotent.
-# Usage: scripts/setup.sh [--server]   (--server adds the web UI packages)
+# Sets up .venv with torch, entmax, the test tools and what ComfyUI needs to run, its server
+# and web UI packages included (the test suite starts the real server: tests/test_server.py),
+# and the pinned ComfyUI when no other is found (see scripts/comfyui_host.py). Idempotent: pip
+# runs only when the requirement list changed since the last install.
+# Usage: scripts/setup.sh   (prints the ComfyUI folder last; --server, which older callers
+# pass, changes nothing: every set-up is the server's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -14,7 +17,7 @@ COMFY="$(.venv/bin/python scripts/comfyui_host.py path)"
 {
     printf "%s\n" $TORCH
     cat requirements.txt scripts/requirements-test.txt
-    .venv/bin/python scripts/comfyui_host.py requirements "$@"
+    .venv/bin/python scripts/comfyui_host.py requirements --server
 } > .venv/pladis-requirements.txt
 if ! cmp -s .venv/pladis-requirements.txt .venv/pladis-installed.txt; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -r .venv/pladis-requirements.txt
