@@ -24,20 +24,23 @@ class Architecture:
     blocks: tuple  # (kind, attribute of the diffusion model that lists the blocks), e.g. ("double", "double_blocks")
     layout: str  # JOINT: text then image tokens in one sequence; CROSS: image queries, text keys
     module: str = ""  # the attention module inside each block ("" = the block itself)
-    text_tokens: object = None  # JOINT: (diffusion_model, context) -> text tokens leading the sequence
+    text_tokens: object = None  # JOINT: (diffusion_model, context, extra conds) -> text tokens leading the sequence
     text_call: object = None  # CROSS: module -> which of its attention calls attends to the text
     forward: object = None  # for modules that call attention without transformer_options (see PladisForward)
 
 
-def _context_tokens(diffusion_model, context):
+def _context_tokens(diffusion_model, context, conds):
     return context.shape[1]
 
 
-def _sd3_tokens(diffusion_model, context):
+def _sd3_tokens(diffusion_model, context, conds):
     return context.shape[1] + diffusion_model.register_length  # learned register tokens lead the context
 
 
-def _lumina_tokens(diffusion_model, context):
+def _lumina_tokens(diffusion_model, context, conds):
+    if conds.get("ref_latents") is not None or conds.get("direct_context") is not None:
+        # Newer ComfyUI: Z-Image Omni puts one caption per image first; MingImage adds context.
+        raise NotImplementedError("the multi-caption layout of Z-Image Omni / MingImage is not supported yet")
     multiple = getattr(diffusion_model, "pad_tokens_multiple", None)  # Z-Image pads the caption
     return context.shape[1] + (-context.shape[1] % multiple if multiple else 0)
 

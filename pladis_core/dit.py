@@ -16,6 +16,7 @@ PixArt and HunyuanDiT call attention without transformer_options; PladisForward 
 their cross-attention modules' forward instead. Nothing here imports ComfyUI.
 """
 import contextvars
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +72,19 @@ class _BlockRun:
 
 def evaluation_wrapper(text_tokens):
     """APPLY_MODEL wrapper: each model evaluation's text length and sigmas, for the patches below.
-    text_tokens(diffusion_model, context) counts the text tokens of the joint sequence."""
+
+    text_tokens(diffusion_model, context, conds) counts the text tokens that lead the joint
+    sequence; it raises NotImplementedError for a layout it does not know, and that evaluation
+    stays dense (with a warning, once).
+    """
 
     def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         count = 0
         if text_tokens is not None and c_crossattn is not None:
-            count = text_tokens(executor.class_obj.diffusion_model, c_crossattn)
+            try:
+                count = text_tokens(executor.class_obj.diffusion_model, c_crossattn, kwargs)
+            except NotImplementedError as unknown:
+                _warn_once(f"PLADIS: {unknown}; those evaluations keep plain attention")
         token = _EVALUATION.set(Evaluation(count, transformer_options.get("sigmas")))
         try:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
@@ -84,6 +92,15 @@ def evaluation_wrapper(text_tokens):
             _EVALUATION.reset(token)
 
     return wrapper
+
+
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        logging.warning(message)
 
 
 class PladisOverride:

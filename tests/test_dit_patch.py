@@ -43,7 +43,7 @@ def run_in_block(override, call, tag_call=0, text=TEXT, sigmas=None, layout=JOIN
             results.append(call())
 
     tagged = BlockTag(block, ("double", 0), layout, tag_call)
-    wrapper = evaluation_wrapper(lambda dm, context: text)
+    wrapper = evaluation_wrapper(lambda dm, context, conds: text)
     context = torch.zeros(1, text, 4)
     wrapper(Executor(lambda *a, **kw: tagged()), None, None, None, context, None, {"sigmas": sigmas})
     return results
@@ -131,3 +131,15 @@ def test_forward_replacement_falls_back_outside_a_run_and_out_of_range():
         wrapper(Executor(lambda *a, **kw: results.append(patch(None))), None, None, None, None, None, {"sigmas": torch.tensor([sigma])})
     assert (results[0].double() - pladis_ref(q, k, v, 2.0, 1.5)).abs().max() < 1e-5
     assert results[1] == "original"
+
+
+def test_an_unknown_text_layout_leaves_the_evaluation_dense_with_one_warning(caplog):
+    def unknown(dm, context, conds):
+        raise NotImplementedError("a layout nobody knows")
+
+    q, k, v = qkv()
+    override = PladisOverride(PladisSettings(2.0, 1.5), {("double", 0)})
+    tagged = BlockTag(lambda: override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True), ("double", 0), JOINT)
+    outs = [evaluation_wrapper(unknown)(Executor(lambda *a, **kw: tagged()), None, None, None, torch.zeros(1, TEXT, 4), None, {}) for _ in range(2)]
+    assert all(torch.equal(out, dense(q, k, v, HEADS, skip_output_reshape=True)) for out in outs)
+    assert caplog.text.count("a layout nobody knows") == 1
