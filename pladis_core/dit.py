@@ -19,8 +19,6 @@ import contextvars
 import logging
 from dataclasses import dataclass
 
-import torch
-
 from .attention import joint_residual, merge_heads, pladis_attention, pladis_residual, split_heads
 
 JOINT, CROSS = "joint", "cross"

@@ -9,7 +9,7 @@ forward with the host's attention function swapped for the float64 reference.
 import pytest
 import torch
 
-from host_dits import DITS, TEXT_TOKENS, build_dit, sample_dit
+from host_dits import TEXT_TOKENS, build_dit, sample_dit
 from host_models import build_unet
 from reference import joint_pladis_ref, pladis_ref
 
