@@ -115,7 +115,7 @@ class PladisOverride:
 
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
         options = dict(mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
-        out = self.earlier(func, q, k, v, heads, **options) if self.earlier is not None else func(q, k, v, heads, **options)
+        out = _dense(self.earlier, func, q, k, v, heads, options)
         run, evaluation = _patched_call(self.blocks)
         if run is None or self.settings.is_identity:
             return out
@@ -123,11 +123,7 @@ class PladisOverride:
         active = self.settings.active_rows(sigmas, q.shape[0])
         if active is not None and not bool(active.any()):
             return out
-        if not skip_reshape:
-            v = split_heads(heads, v)[0]
-        if v.shape[1] != heads:  # grouped-query attention
-            v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        q, k = _heads_first(q, k, heads, skip_reshape)
+        q, k, v = _heads_first(heads, skip_reshape, q, k, v)
         rows, correction = self._correction(run.tag.layout, q, k, v, _four_dimensional(mask), active, evaluation)
         if correction is None:
             return out
@@ -146,13 +142,11 @@ class PladisOverride:
                 mask = mask[active]
         if layout == CROSS:
             return slice(None), pladis_residual(q, k, v, mask=mask, **self.settings.method())
-        text = evaluation.text_tokens if evaluation else 0
-        if not 0 < text < q.shape[-2]:
+        layout = _joint_layout(evaluation, q.shape[-2], mask)
+        if layout is None:
             return None, None
-        image = slice(text, None)
-        if mask is not None and mask.shape[-2] == q.shape[-2]:
-            mask = mask[..., image, :]
-        return image, joint_residual(q[..., image, :], k, v, slice(0, text), mask=mask, **self.settings.method())
+        text, image, mask = layout
+        return image, joint_residual(q[..., image, :], k, v, text, mask=mask, **self.settings.method())
 
     def __deepcopy__(self, memo):
         return self  # immutable; ComfyUI 0.3.75 deep-copies model options on every clone
@@ -166,12 +160,28 @@ def _patched_call(blocks):
     return run, _EVALUATION.get(None)
 
 
-def _heads_first(q, k, heads, skip_reshape):
+def _dense(earlier, func, q, k, v, heads, options):
+    """The dense attention: the override installed before ours, else the host's backend."""
+    return earlier(func, q, k, v, heads, **options) if earlier is not None else func(q, k, v, heads, **options)
+
+
+def _heads_first(heads, skip_reshape, *tensors):
+    """(batch, heads, tokens, dim) tensors, keys and values of grouped-query attention repeated."""
     if not skip_reshape:
-        q, k = split_heads(heads, q, k)
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    return q, k
+        tensors = split_heads(heads, *tensors)
+    return [t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t for t in tensors]
+
+
+def _joint_layout(evaluation, tokens, mask):
+    """(text keys, image query rows, the mask of those rows) of a joint sequence, or None
+    where this evaluation has no text to sharpen (text first, then the image tokens)."""
+    text = evaluation.text_tokens if evaluation else 0
+    if not 0 < text < tokens:
+        return None
+    image = slice(text, None)
+    if mask is not None and mask.shape[-2] == tokens:
+        mask = mask[..., image, :]
+    return slice(0, text), image, mask
 
 
 class CaptureOverride:
@@ -186,18 +196,15 @@ class CaptureOverride:
     def __call__(self, func, q, k, v, heads, mask=None, skip_reshape=False, **kwargs):
         run, evaluation = _patched_call(self.blocks)
         if run is not None:
-            qh, kh = _heads_first(q[:1], k[:1], heads, skip_reshape)
-            mask4 = _four_dimensional(mask)
-            mask4 = mask4[:1] if mask4 is not None and mask4.shape[0] == q.shape[0] else mask4
+            qh, kh = _heads_first(heads, skip_reshape, q[:1], k[:1])
+            first = _four_dimensional(mask)
+            first = first[:1] if first is not None and first.shape[0] == q.shape[0] else first
             if run.tag.layout == CROSS:
-                self.collector.add(qh, kh, mask=mask4)
-            elif evaluation is not None and 0 < evaluation.text_tokens < qh.shape[-2]:
-                text = evaluation.text_tokens
-                if mask4 is not None and mask4.shape[-2] == qh.shape[-2]:
-                    mask4 = mask4[..., text:, :]
-                self.collector.add(qh[..., text:, :], kh, text=slice(0, text), mask=mask4)
-        options = dict(mask=mask, skip_reshape=skip_reshape, **kwargs)
-        return self.earlier(func, q, k, v, heads, **options) if self.earlier is not None else func(q, k, v, heads, **options)
+                self.collector.add(qh, kh, mask=first)
+            elif (layout := _joint_layout(evaluation, qh.shape[-2], first)) is not None:
+                text, image, image_mask = layout
+                self.collector.add(qh[..., image, :], kh, text=text, mask=image_mask)
+        return _dense(self.earlier, func, q, k, v, heads, dict(mask=mask, skip_reshape=skip_reshape, **kwargs))
 
     def __deepcopy__(self, memo):
         return self

@@ -37,16 +37,6 @@ DITS = {
                  "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
                  "x_block_self_attn_layers": []},
     },
-    # SD3.5 medium: as SD3, plus RMS q/k norms and an extra image self-attention (attn2) in the
-    # x_block of the listed layers (MMDiT-X).
-    "sd35": {
-        "config": "SD3", "text_tokens": 154, "context_dim": 32, "pooled_dim": 32, "latent": (16, None),
-        "latent_size": 16, "text_mask": False,
-        "unet": {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
-                 "adm_in_channels": 32, "pos_embed_scaling_factor": None, "pos_embed_max_size": 16, "num_patches": 256,
-                 "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
-                 "qk_norm": "rms", "x_block_self_attn_layers": [0]},
-    },
     # Chroma: Flux double + single stream blocks without per-block modulation; one "approximator"
     # MLP makes every block's modulation from timestep + guidance (guidance fixed at 0). T5 context,
     # no pooled vector. in_dim must stay 64 (16 timestep + 16 guidance + 32 index features).
@@ -103,15 +93,6 @@ DITS = {
                  "depth": 4, "num_heads": 4, "mlp_ratio": 4.0, "text_states_dim": 32, "text_states_dim_t5": 32,
                  "text_len": 16, "text_len_t5": 24, "qk_norm": True, "learn_sigma": True},
     },
-    # Hunyuan-DiT v1.0/1.1: as v1.2 plus image-size and style conditioning in the extra vector.
-    "hunyuan_dit1": {
-        "config": "HunyuanDiT1", "text_tokens": 16, "t5_tokens": 24, "context_dim": 32, "t5_dim": 32, "pooled_dim": None,
-        "latent": (4, None), "latent_size": 16, "text_mask": True,
-        "unet": {"image_model": "hydit1", "input_size": 16, "patch_size": 2, "in_channels": 4, "hidden_size": 64,
-                 "depth": 4, "num_heads": 4, "mlp_ratio": 4.0, "text_states_dim": 32, "text_states_dim_t5": 32,
-                 "text_len": 16, "text_len_t5": 24, "qk_norm": True, "learn_sigma": True, "size_cond": True,
-                 "use_style_cond": True},
-    },
     # PixArt Sigma: self-attention, cross-attention to T5 (modules called without transformer_options);
     # its position embedding needs a 64x64 latent.
     "pixart": {
@@ -141,6 +122,14 @@ DITS = {
     },
 }
 
+# SD3.5 medium: as SD3, plus RMS q/k norms and an extra image self-attention (attn2) in the
+# x_block of the listed layers (MMDiT-X).
+DITS["sd35"] = dict(DITS["sd3"], unet=dict(DITS["sd3"]["unet"], qk_norm="rms", x_block_self_attn_layers=[0]))
+# Hunyuan-DiT v1.0/1.1: as v1.2 plus image-size and style conditioning in the extra vector.
+DITS["hunyuan_dit1"] = dict(
+    DITS["hunyuan_dit"], config="HunyuanDiT1",
+    unet=dict(DITS["hunyuan_dit"]["unet"], image_model="hydit1", size_cond=True, use_style_cond=True),
+)
 TEXT_TOKENS = {kind: spec["text_tokens"] for kind, spec in DITS.items()}
 MASK_SUPPORT = {kind: spec["text_mask"] for kind, spec in DITS.items()}
 

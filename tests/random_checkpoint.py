@@ -20,15 +20,11 @@ from pathlib import Path
 
 import torch
 
-# The SD1.5 UNet as ComfyUI's model detection describes the real checkpoint.
-SD15_UNET = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "use_spatial_transformer": True, "legacy": False, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2],
-    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "transformer_depth_middle": 1,
-    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "channel_mult": [1, 2, 4, 4],
-    "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
+from host_models import FULL_WIDTH, SMALL_UNETS
+
+# The SD1.5 UNet as ComfyUI's model detection describes the real checkpoint: the test
+# architecture at the real widths.
+SD15_UNET = dict(SMALL_UNETS["sd15"]["unet"], **FULL_WIDTH["sd15"])
 # The SD1.x KL autoencoder, as comfy.sd.VAE builds it for such a checkpoint.
 SD15_VAE = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
