@@ -10,12 +10,13 @@ row, rescaled by the row's dense mass m on them, so that the row still sums to 1
 
 Tensors are (batch, heads, tokens, dim_head). Logits and both maps are float32 whatever
 the input dtype; the product with v runs in v's dtype and the result comes back in q's.
+softmax_scale multiplies q k^T (None: 1 / sqrt(dim_head), as the host's attention does).
 """
 import logging
-import math
 
 import torch
 
+from .logs import warn_once
 from .weights import acceleration_enabled, pladis_weights
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -29,30 +30,31 @@ _LSE_LIVE_BUFFERS = 3
 CPU_CHUNK_LOGIT_BYTES = 4 * 2**20
 
 
-def pladis_attention(q, k, v, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def pladis_attention(q, k, v, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):
     """(dense + scale * (sparse - dense)) v in one pass over the logits."""
-    return chunked_attention(q, k, v, lambda z, rows: pladis_weights(z, scale, alpha), mask, chunk_bytes)
+    return chunked_attention(q, k, v, lambda z, rows: pladis_weights(z, scale, alpha), mask, chunk_bytes, softmax_scale)
 
 
-def pladis_residual(q, k, v, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def pladis_residual(q, k, v, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):
     """scale * (sparse - dense) v: added to another implementation's dense output."""
-    return chunked_attention(q, k, v, lambda z, rows: pladis_weights(z, scale, alpha, residual=True), mask, chunk_bytes)
+    weights = lambda z, rows: pladis_weights(z, scale, alpha, residual=True)  # noqa: E731
+    return chunked_attention(q, k, v, weights, mask, chunk_bytes, softmax_scale)
 
 
-def joint_residual(q, k, v, text, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def joint_residual(q, k, v, text, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):
     """m * scale * (sparse - dense) v_txt for query rows that see text and image keys.
 
     text: the slice of k (and v) that holds the text keys. m, each row's dense mass on
     them, needs the row's log-sum-exp over every key (row_logsumexp); the rest is
     computed on the (queries x text keys) block alone.
     """
-    row_lse = row_logsumexp(q, k, mask, chunk_bytes)
+    row_lse = row_logsumexp(q, k, mask, chunk_bytes, softmax_scale)
     if mask is not None and mask.shape[-1] == k.shape[-2]:
         mask = mask[..., text]
     text_weights = lambda z, rows: _joint_weights(z, row_lse[..., rows, :], scale, alpha)  # noqa: E731
     # Contiguous once, rather than copied by every chunk's matmul.
     k_text, v_text = (t[..., text, :].contiguous() for t in (k, v))
-    return chunked_attention(q, k_text, v_text, text_weights, mask, chunk_bytes)
+    return chunked_attention(q, k_text, v_text, text_weights, mask, chunk_bytes, softmax_scale)
 
 
 def _joint_weights(z_text, row_lse, scale, alpha):
@@ -62,63 +64,86 @@ def _joint_weights(z_text, row_lse, scale, alpha):
     return mass * pladis_weights(z_text, scale, alpha, residual=True)
 
 
-def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):
     """log sum_j exp(z_j) over every key, per query row: float32 (batch, heads, queries, 1).
 
     torch's memory-efficient attention kernels compute it on the way (on the CPU its flash
     kernel; on CUDA its flash or memory-efficient kernel, without masks); where none serves,
     chunks of float32 logits.
     """
-    kernel = _LSE_KERNELS.get(q.device.type) if acceleration_enabled() else None
-    if kernel is not None:
-        try:
-            lse = kernel(q, k, None if mask is None else _additive(mask, q.dtype))
-        except Exception as error:  # an old torch, or a shape or dtype the kernel refuses
-            logging.warning(f"PLADIS: torch's attention kernel gave no log-sum-exp on {q.device.type}, computing it in chunks: {error}")
-            _LSE_KERNELS[q.device.type] = None
-        else:
-            if lse is not None:
-                return lse.float().unsqueeze(-1)
+    lse = _kernel_logsumexp(q, k, mask, softmax_scale) if acceleration_enabled() else None
+    if lse is not None:
+        return lse.float().unsqueeze(-1)
     out = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
-    kt, scale = k.float().transpose(-1, -2), 1.0 / math.sqrt(q.shape[-1])
+    kt = k.float().transpose(-1, -2)
     for rows in _row_chunks(q, k.shape[-2], _LSE_LIVE_BUFFERS, chunk_bytes):
-        z = (q[..., rows, :].float() * scale) @ kt  # scaling q, not k: no copy of the keys
+        z = _logits(q[..., rows, :], kt, softmax_scale)
         if mask is not None:
             z = _apply_mask(z, _mask_rows(mask, rows, q.shape[-2]))
         out[..., rows, :] = torch.logsumexp(z, -1, keepdim=True)
     return out
 
 
-def _cuda_logsumexp(q, k, mask):
+def _kernel_logsumexp(q, k, mask, softmax_scale):
+    """The log-sum-exp from torch's kernel for this device, or None where it gives none.
+
+    A torch without the kernel loses it for the process; a call it refuses (a shape, a dtype,
+    a one-off error) falls back alone; running out of memory goes to the host as it is.
+    """
+    kernel = _LSE_KERNELS.get(q.device.type)
+    if kernel is None:
+        return None
+    try:
+        return kernel(q, k, None if mask is None else _additive(mask, q.dtype), softmax_scale)
+    except torch.OutOfMemoryError:
+        raise
+    except AttributeError as missing:  # torch.ops has no such kernel in this torch
+        logging.warning(f"PLADIS: this torch has no attention kernel that gives the log-sum-exp on {q.device.type}; "
+                        f"it is computed in chunks from now on: {missing}")
+        _LSE_KERNELS[q.device.type] = None
+    except Exception as error:
+        warn_once(f"PLADIS: torch's attention kernel gave no log-sum-exp on {q.device.type} for a call, "
+                   f"which computed it in chunks: {error}")
+    return None
+
+
+def _cuda_logsumexp(q, k, mask, softmax_scale):
     if mask is not None:
         return None  # its bias would have to be a full (queries x keys) tensor: chunks instead
     if q.dtype in (torch.float16, torch.bfloat16):
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, k)[1]
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, scale=softmax_scale)[1]
     # Its log-sum-exp has the rows padded to a multiple of 32.
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True)[1][..., : q.shape[-2]]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True, scale=softmax_scale)[1][..., : q.shape[-2]]
+
+
+def _cpu_logsumexp(q, k, mask, softmax_scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, attn_mask=mask, scale=softmax_scale)[1]
 
 
 # The attention output is a by-product (k stands in for v); the log-sum-exp is what is used.
-_LSE_KERNELS = {
-    "cpu": lambda q, k, mask: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, attn_mask=mask)[1],
-    "cuda": _cuda_logsumexp,
-}
+_LSE_KERNELS = {"cpu": _cpu_logsumexp, "cuda": _cuda_logsumexp}
 
 
-def chunked_attention(q, k, v, weights, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
+
+def chunked_attention(q, k, v, weights, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):
     """weights(z, rows) v over chunks of query rows, so float32 logits never exceed chunk_bytes.
 
     mask: additive (-inf drops a key) or boolean (True keeps a key), broadcastable to
     (batch, heads, queries, keys).
     """
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    kt, scale = k.float().transpose(-1, -2), 1.0 / math.sqrt(q.shape[-1])
+    kt = k.float().transpose(-1, -2)
     for rows in _row_chunks(q, k.shape[-2], _LIVE_LOGIT_BUFFERS, chunk_bytes):
-        z = (q[..., rows, :].float() * scale) @ kt
+        z = _logits(q[..., rows, :], kt, softmax_scale)
         if mask is not None:
             z = _apply_mask(z, _mask_rows(mask, rows, q.shape[-2]))
         out[..., rows, :] = weights(z, rows).to(v.dtype) @ v
     return out
+
+
+def _logits(q_rows, kt, softmax_scale):
+    """float32 q k^T * softmax_scale, scaling q rather than k: no copy of the keys."""
+    return (q_rows.float() * (softmax_scale if softmax_scale is not None else q_rows.shape[-1] ** -0.5)) @ kt
 
 
 def _row_chunks(q, keys, live_buffers, chunk_bytes):

@@ -3,8 +3,10 @@
     W = softmax(z) + scale * (entmax_alpha(z) - softmax(z))     (residual: without softmax(z))
 
 The fused function of fused.py is compiled with torch.compile (C++ on the CPU, Triton on
-CUDA) the first time a device type needs it. If compiling or running it fails, or
-PLADIS_COMPILE=0, the exact eager functions below serve instead.
+CUDA) the first time a device type needs it; with PLADIS_COMPILE=0 the exact eager functions
+below serve instead. When compiling fails (no compiler on this machine), they serve for the
+rest of the process; a one-off error while the compiled code runs costs only that call its
+speed, and an out-of-memory error goes to the host as it is.
 """
 import inspect
 import logging
@@ -14,11 +16,12 @@ import torch
 
 from .entmax import entmax, softmax
 from .fused import family_of, fused_pladis_weights, newton_steps
+from .logs import warn_once
 
-_compiled = {}  # device type -> compiled fused function, or None where it failed
+_compiled = {}  # device type -> compiled fused function, or None where compiling failed
 # One graph per (family, steps, residual) and shape kind: more than dynamo's default of 8,
-# after which it would run the fused code uncompiled. Older torch has no per-call limit.
-_RECOMPILE_LIMIT = {"recompile_limit": 48} if "recompile_limit" in inspect.signature(torch.compile).parameters else {}
+# after which it would run the fused code uncompiled, slower and with more memory.
+_RECOMPILE_LIMIT = 48
 
 
 def eager_pladis_weights(z, scale, alpha, residual=False):
@@ -38,8 +41,14 @@ def pladis_weights(z, scale, alpha, residual=False):
         try:
             as_tensor = lambda value: torch.tensor(value, dtype=z.dtype, device=z.device)  # noqa: E731
             weights, unsettled = fused(z, as_tensor(scale), as_tensor(alpha), family_of(alpha), newton_steps(alpha), residual)
-        except Exception as error:  # a compiler missing or failing on this machine
-            _disable(z.device, error)
+        except torch.OutOfMemoryError:
+            raise  # plain torch would need more memory still; the host reports it
+        except Exception as error:
+            if _is_compile_failure(error):
+                _disable(z.device, error)
+            else:
+                warn_once(f"PLADIS: the compiled kernel failed once on {z.device.type}; that call used plain torch, "
+                           f"later ones use the compiled kernel again: {error}")
         else:
             if bool(unsettled.any()):  # rare rows that need more Newton steps
                 weights[unsettled] = eager_pladis_weights(z[unsettled], scale, alpha, residual)
@@ -56,10 +65,25 @@ def _fused_for(device):
         return None
     if device.type not in _compiled:
         logging.info(f"PLADIS: compiling the fused entmax kernel for {device.type} (the first use takes a while)")
-        _compiled[device.type] = torch.compile(fused_pladis_weights, dynamic=True, **_RECOMPILE_LIMIT)
+        _compiled[device.type] = _compile(fused_pladis_weights)
     return _compiled[device.type]
 
 
+def _compile(function):
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return torch.compile(function, dynamic=True, recompile_limit=_RECOMPILE_LIMIT)
+    # Older torch (2.9) has only the global limit: raise it while our function runs.
+    return torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)(torch.compile(function, dynamic=True))
+
+
+def _is_compile_failure(error):
+    """Errors of torch.compile itself (tracing, lowering, a missing C++ compiler or Triton),
+    as opposed to errors of the compiled code while it runs."""
+    return isinstance(error, (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError, ImportError))
+
+
 def _disable(device, error):
-    logging.warning(f"PLADIS: the compiled kernel failed on {device.type}, using plain torch instead: {error}")
+    logging.warning(f"PLADIS: compiling the fused entmax kernel failed on {device.type}; plain torch serves "
+                    f"for the rest of this process (same results, slower): {error}")
     _compiled[device.type] = None
+
