@@ -4,10 +4,10 @@ import logging
 from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.latest import io
 
-from ..pladis_core.selection import parse_stage_blocks
+from ..pladis_core.selection import describe_range, parse_stage_blocks
 from ..pladis_core.settings import PladisSettings
-from ..pladis_core.unet import UNET_STAGES, cross_attention_blocks, is_unet, register_attn2_patches
-from .architectures import CROSS_ARCHITECTURES, attention_blocks, find_architecture, patch_dit
+from ..pladis_core.unet import UNET_STAGES, cross_attention_blocks, is_unet
+from .architectures import CROSS_ARCHITECTURES, attention_blocks, find_architecture, patch_dit, patch_unet
 from .common import (
     check_pladis_inputs, describe_blocks, model_type_name, percent_range_to_sigmas, pladis_inputs, select_indexes, unsupported_model_error,
 )
@@ -66,7 +66,7 @@ class ApplyPLADIS(io.ComfyNode):
             logging.info(f"Apply PLADIS: patched the cross-attention of {len(chosen)} of {count} blocks of {model_type_name(model)}: {effect}, {steps}{ignored}")
             return io.NodeOutput(m)
         chosen = select_blocks(cross_attention_blocks(diffusion_model), blocks or "", include_middle)
-        count, reverted = register_attn2_patches(m, chosen, settings, optimized_attention)
+        count, reverted = patch_unet(m, chosen, settings, optimized_attention)
         earlier = f"; {reverted} layers an earlier Apply PLADIS patched are plain again" if reverted else ""
         logging.info(
             f"Apply PLADIS: patched {count} cross-attention layers in {describe_blocks(chosen)} of {model_type_name(model)}: "
@@ -81,13 +81,17 @@ def select_blocks(available, text, include_middle):
         stages = ("input", "output", "middle") if include_middle else ("input", "output")
         return {key: depth for key, depth in available.items() if key[0] in stages}
     try:
-        wanted = parse_stage_blocks(text, UNET_STAGES)
+        ranges = parse_stage_blocks(text, UNET_STAGES)
     except ValueError as e:
         raise ValueError(f"Apply PLADIS: blocks '{text}': {e}.") from None
+    has = f"it has {describe_blocks(available)}"
+    # Every range is bounded by the model before it is expanded.
+    top = {stage: max((n for s, n in available if s == stage), default=-1) for stage in UNET_STAGES}
+    beyond = [f"{stage} {describe_range(max(first, top[stage] + 1), last)}" for stage, first, last in ranges if last > top[stage]]
+    if beyond:
+        raise ValueError(f"Apply PLADIS: blocks names {'; '.join(beyond)}, which this model lacks; {has}.")
+    wanted = {(stage, number) for stage, first, last in ranges for number in range(first, last + 1)}
     missing = sorted(wanted - available.keys(), key=lambda key: (UNET_STAGES.index(key[0]), key[1]))
     if missing:
-        raise ValueError(
-            f"Apply PLADIS: blocks names {describe_blocks(missing)}, which have no cross-attention in this model; "
-            f"it has {describe_blocks(available)}."
-        )
+        raise ValueError(f"Apply PLADIS: blocks names {describe_blocks(missing)}, which have no cross-attention in this model; {has}.")
     return {key: available[key] for key in wanted}

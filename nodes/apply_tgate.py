@@ -70,16 +70,16 @@ class ApplyTGATE(io.ComfyNode):
 
         m = model.clone()
         schedule = tgate.TgateSchedule(**values)
-        m.model_options["transformer_options"][tgate.HOLDER_KEY] = tgate.TgateHolder(schedule, after_gate)
+        m.model_options["transformer_options"][tgate.SETTINGS_KEY] = tgate.TgateSettings(schedule, after_gate)
         for kind, wrapper in WRAPPERS.items():
-            m.remove_wrappers_with_key(kind, tgate.HOLDER_KEY)  # applied again: the later node wins
-            m.add_wrapper_with_key(kind, tgate.HOLDER_KEY, wrapper)
+            m.remove_wrappers_with_key(kind, tgate.SETTINGS_KEY)  # applied again: the later node wins
+            m.add_wrapper_with_key(kind, tgate.SETTINGS_KEY, wrapper)
         _set_capture_patch(m)
         caching_self_attention = sp_interval > 1 or fi_interval > 1
-        for path, kind in modules:
+        for path, module, kind in modules:
             if kind == "cross" or caching_self_attention:
-                _patch_forward(m, f"diffusion_model.{path}", kind)
-        layers = sum(kind == "cross" for _, kind in modules)
+                _patch_forward(m, path, module, kind)
+        layers = sum(kind == "cross" for _, _, kind in modules)
         logging.info(
             f"Apply TGATE: {layers} cross-attention layers of {model_type_name(model)} frozen after step {gate_step}, "
             f"then the {after_gate} branch alone; self-attention "
@@ -96,8 +96,9 @@ def _set_capture_patch(model):
     model.model_options["transformer_options"] = options
 
 
-def _patch_forward(model, path, kind):
-    previous = model.get_model_object(f"{path}.forward")
+def _patch_forward(model, path, module, kind):
+    target = f"diffusion_model.{path}.forward"
+    previous = model.get_model_object(target)
     if isinstance(previous, tgate.CachedForward):  # applied again: wrap what it wrapped
         previous = previous.forward
-    model.add_object_patch(f"{path}.forward", tgate.CachedForward(previous, kind, path))
+    model.add_object_patch(target, tgate.CachedForward(previous, path, module, kind))

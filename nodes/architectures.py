@@ -1,6 +1,7 @@
-"""Where PLADIS goes in each transformer (DiT) architecture, and how it is registered.
+"""Where PLADIS goes in each architecture, and how it is registered on a ModelPatcher.
 
-One entry per diffusion-model class (matched along the class hierarchy by qualified name):
+UNets: attn2 replace patches and their host hooks (patch_unet). Transformers (DiTs): one
+entry per diffusion-model class (matched along the class hierarchy by qualified name):
 which module lists hold its blocks, which module inside a block carries the attention,
 and how that attention is laid out. A new architecture is one entry here.
 """
@@ -10,13 +11,13 @@ import comfy.patcher_extension
 from comfy.ldm.hydit.attn_layers import apply_rotary_emb
 
 from ..pladis_core.attention import merge_heads
-from ..pladis_core.dit import (
-    CROSS, JOINT, BlockTag, CaptureForward, CaptureOverride, PladisForward, PladisOverride, evaluation_wrapper,
-)
+from ..pladis_core.dit import CROSS, JOINT, BlockTag, CaptureForward, CaptureOverride, DitEvaluation, PladisForward, PladisOverride
+from ..pladis_core.patching import foreign
 from ..pladis_core.tgate import CachedForward
+from ..pladis_core.unet import UnetEvaluation, copy_on_clone, record_context_lengths, register_attn2_patches
 
 WRAPPER_KEY = "pladis_dit"
-OVERRIDE_KEY = "optimized_attention_override"
+UNET_KEY = "pladis_unet"
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,39 @@ def attention_blocks(diffusion_model, architecture):
     return {kind: len(getattr(diffusion_model, attribute, ())) for kind, attribute in architecture.blocks}
 
 
+def patch_unet(model, blocks, settings, dense_attention):
+    """Register PLADIS on a cloned UNet ModelPatcher for the chosen {(stage, number): depth}
+    blocks; returns (layers patched, layers an earlier Apply PLADIS patched that are plain again)."""
+    counts = register_attn2_patches(model, blocks, settings, dense_attention)
+    layers = [(stage, number, index) for (stage, number), depth in blocks.items() for index in range(depth)]
+    hooks = (
+        (comfy.patcher_extension.WrappersMP.APPLY_MODEL, UnetEvaluation(layers, settings, dense_attention)),
+        (comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, record_context_lengths),
+    )
+    for kind, wrapper in hooks:
+        model.remove_wrappers_with_key(kind, UNET_KEY)
+        model.add_wrapper_with_key(kind, UNET_KEY, wrapper)
+    model.remove_callbacks_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, UNET_KEY)
+    model.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_CLONE, UNET_KEY, copy_on_clone)
+    return counts
+
+
+def remove_unet_hooks(model):
+    """Take Apply PLADIS's evaluation hook off a cloned ModelPatcher (the preview measures plain attention)."""
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, UNET_KEY)
+
+
 def patch_dit(model, architecture, chosen, settings):
     """Register PLADIS on a cloned ModelPatcher for the chosen (kind, index) blocks.
 
     An earlier PLADIS on this model is replaced (the later node's settings are the whole
-    truth); a TGATE cache wrapper stays outermost; another node's override is chained.
+    truth); a TGATE cache wrapper stays outermost; another node's override, installed before
+    or after, serves the dense attention (DitEvaluation).
     """
     register_dit(
         model, architecture, chosen,
         lambda earlier: PladisOverride(settings, chosen, earlier),
-        lambda forward, module: PladisForward(forward, module, architecture.forward, settings),
+        lambda forward, path, module: PladisForward(forward, path, module, architecture.forward, settings),
     )
 
 
@@ -114,35 +138,35 @@ def capture_dit(model, architecture, collector):
     register_dit(
         model, architecture, every,
         lambda earlier: CaptureOverride(collector, every, earlier),
-        lambda forward, module: CaptureForward(forward, module, architecture.forward, collector),
+        lambda forward, path, module: CaptureForward(forward, path, module, architecture.forward, collector),
     )
 
 
 def register_dit(model, architecture, chosen, make_override, make_forward):
-    """The APPLY_MODEL wrapper, and on each block either a BlockTag (with make_override's
-    attention override) or, where attention gets no transformer_options, make_forward's forward."""
+    """The APPLY_MODEL wrapper, and on each block either a BlockTag (the wrapper then installs
+    make_override's attention override in every evaluation) or, where attention gets no
+    transformer_options, make_forward's forward on the chosen blocks."""
+    adapted = architecture.forward is not None
+    wrapper = DitEvaluation(architecture.layout, chosen, architecture.text_tokens, None if adapted else make_override)
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, evaluation_wrapper(architecture.text_tokens))
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, wrapper)
     diffusion_model = model.get_model_object("diffusion_model")
     for kind, attribute in architecture.blocks:
         for index, block in enumerate(getattr(diffusion_model, attribute)):
             key = (kind, index)
             path = f"{attribute}.{index}" + (f".{architecture.module}" if architecture.module else "")
             module = block if not architecture.module else getattr(block, architecture.module)
-            if architecture.forward is not None:
-                patch = lambda forward: make_forward(forward, module) if key in chosen else forward  # noqa: E731
+            if adapted:
+                patch = (lambda forward: make_forward(forward, path, module)) if key in chosen else (lambda forward: forward)
             else:
                 call = architecture.text_call(module) if architecture.text_call else 0
-                patch = lambda forward: BlockTag(forward, key, architecture.layout, call)  # noqa: E731
+                patch = lambda forward: BlockTag(forward, path, module, key, architecture.layout, call)  # noqa: E731
             target = f"diffusion_model.{path}.forward"
-            model.add_object_patch(target, _rewrap(model.get_model_object(target), patch))
-    if architecture.forward is None:
-        options = dict(model.model_options["transformer_options"])
-        earlier = options.get(OVERRIDE_KEY)
-        if isinstance(earlier, (PladisOverride, CaptureOverride)):
-            earlier = earlier.earlier
-        options[OVERRIDE_KEY] = make_override(earlier)
-        model.model_options["transformer_options"] = options
+            forward = _rewrap(model.get_model_object(target), module, patch)
+            if forward is None:  # the module's own forward again
+                model.object_patches.pop(target, None)
+            else:
+                model.add_object_patch(target, forward)
 
 
 def token_grid(diffusion_model, latent_shape):
@@ -154,10 +178,11 @@ def token_grid(diffusion_model, latent_shape):
     return tuple(-(-size // p) for size, p in zip((frames, height, width), patch))
 
 
-def _rewrap(forward, patch):
-    """patch(forward) with any earlier PLADIS patch taken off, inside a TGATE cache wrapper."""
+def _rewrap(forward, module, patch):
+    """patch(what forward wraps), with any earlier PLADIS patch taken off, inside a TGATE cache
+    wrapper; None stands for the module's own forward (see patching.foreign)."""
     if isinstance(forward, CachedForward):
-        return CachedForward(_rewrap(forward.forward, patch), forward.kind, forward.layer)
+        return forward.rewrapped(_rewrap(forward.forward, module, patch))
     if isinstance(forward, (BlockTag, PladisForward, CaptureForward)):
-        forward = forward.forward
-    return patch(forward)
+        return patch(forward.forward)
+    return patch(foreign(forward, module))

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from ..pladis_core.preview import CaptureAttn2, MapCollector
 from ..pladis_core.unet import cross_attention_blocks, is_unet
-from .architectures import CROSS_ARCHITECTURES, JOINT_ARCHITECTURES, capture_dit, find_architecture, token_grid
+from .architectures import CROSS_ARCHITECTURES, JOINT_ARCHITECTURES, capture_dit, find_architecture, remove_unet_hooks, token_grid
 from .common import RANGES, check_pladis_inputs, unsupported_model_error
 
 NODE = "PLADIS Attention Preview"
@@ -58,6 +58,7 @@ class PladisAttentionPreview(io.ComfyNode):
             options = dict(m.model_options["transformer_options"])
             options["patches_replace"] = {**options.get("patches_replace", {}), "attn2": {}}  # PLADIS and others off
             m.model_options["transformer_options"] = options
+            remove_unet_hooks(m)
             for (stage, number), depth in cross_attention_blocks(diffusion_model).items():
                 for index in range(depth):
                     m.set_model_attn2_replace(capture, stage, number, index if depth > 1 else None)

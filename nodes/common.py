@@ -1,7 +1,7 @@
 """What the nodes share: the PLADIS inputs, input checks and the words of their messages."""
 from comfy_api.latest import io
 
-from ..pladis_core.selection import parse_index_list
+from ..pladis_core.selection import describe_range, parse_index_list
 from .architectures import JOINT_ARCHITECTURES, find_architecture
 
 # Model types whose text and image tokens share one softmax, also those the Flux node does not patch.
@@ -85,18 +85,18 @@ def describe_blocks(keys):
 
 def select_indexes(node, name, text, count):
     """The block indexes a STRING input names: 'all', 'none' or a list such as 0-9,12.
-    Indexes the model lacks are an error that names them."""
+    Indexes the model lacks are an error that names them and says what the model has."""
     words = text.strip().lower()
     if words in ("all", ""):
         return set(range(count))
     if words == "none":
         return set()
     try:
-        wanted = set(parse_index_list(words))
+        ranges = parse_index_list(words)
     except ValueError as e:
         raise ValueError(f"{node}: {name} '{text}': {e}; write 'all', 'none' or indexes such as 0-9,12.") from None
-    missing = sorted(i for i in wanted if i >= count)
-    if missing:
+    beyond = [describe_range(max(first, count), last) for first, last in ranges if last >= count]
+    if beyond:
         has = f"0-{count - 1}" if count else "none"
-        raise ValueError(f"{node}: {name} names {', '.join(map(str, missing))}, which this model lacks; it has {has}.")
-    return wanted
+        raise ValueError(f"{node}: {name} names {', '.join(beyond)}, which this model lacks; it has {has}.")
+    return {i for first, last in ranges for i in range(first, last + 1)}

@@ -15,19 +15,20 @@ from .entmax import entmax, softmax
 _PREVIEW_BYTES = 64 * 2**20
 
 
-def token_maps(q, k, token, scale, alpha, text=None, mask=None):
+def token_maps(q, k, token, scale, alpha, text=None, mask=None, softmax_scale=None):
     """(dense, sparse, pladis), each (batch, queries): the weight on key `token` of every query.
 
     q, k: (batch, heads, tokens, dim). text: None for cross-attention (every key is text),
     else the slice of the text keys in a joint sequence (token counts within it).
     mask: additive or boolean, broadcastable to (batch, heads, queries, keys).
+    softmax_scale: the logits' scale (None: 1 / sqrt(dim)).
     """
     b, h, n, _ = q.shape
     rows = max(1, _PREVIEW_BYTES // (4 * b * h * k.shape[-2]))
     maps = torch.empty(3, b, n)
     for start in range(0, n, rows):
         chunk = slice(start, min(n, start + rows))
-        z = (q[..., chunk, :].float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+        z = (q[..., chunk, :].float() @ k.float().transpose(-1, -2)) * (softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5)
         if mask is not None:
             m = mask[..., chunk, :] if mask.dim() >= 2 and mask.shape[-2] == n else mask
             z = z.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else z + m.to(z.dtype)
@@ -51,10 +52,10 @@ class MapCollector:
         self.grid = grid  # the image-token grid of a DiT (a UNet layer names its own)
         self.layers = []
 
-    def add(self, q, k, grid=None, text=None, mask=None):
+    def add(self, q, k, grid=None, text=None, mask=None, softmax_scale=None):
         """Records one layer: q holds the image queries first (a DiT's reference tokens after them are left out)."""
         frames, height, width = grid or self.grid
-        maps = token_maps(q[..., : frames * height * width, :], k, self.token, self.scale, self.alpha, text, mask)
+        maps = token_maps(q[..., : frames * height * width, :], k, self.token, self.scale, self.alpha, text, mask, softmax_scale)
         self.layers.append(maps[:, 0].reshape(3, frames, height, width).mean(1))  # the first sample, frames averaged
 
     def add_projected(self, q, k, heads, grid):

@@ -11,10 +11,11 @@ The schedule, with i the 0-based step of the run's own schedule:
 Steps are positions in the run's own schedule (transformer_options["sample_sigmas"]): a
 partial denoise or KSamplerAdvanced's start_step counts from its first step, and samplers
 that evaluate several times per step still count steps, not calls.
-One TgateHolder per sampling run holds the step and the caches (the node stores a template
-in transformer_options, and the OUTER_SAMPLE wrapper works on a fresh clone). The patched
-attention modules find it through the evaluation in progress (apply_model_wrapper);
-nothing here imports ComfyUI.
+The node stores only what it was asked for (TgateSettings, never written). The OUTER_SAMPLE
+wrapper makes one TgateRun per sampling run, which holds the step and the caches, in its own
+copy of the options; the patched attention modules find it through the evaluation in
+progress (apply_model_wrapper). A model evaluation outside a sampling run finds no run and
+is computed plainly. Nothing here imports ComfyUI.
 """
 import contextvars
 import logging
@@ -22,7 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-HOLDER_KEY = "pladis_tgate"
+from .patching import ForwardPatch, running
+
+SETTINGS_KEY = "pladis_tgate"  # transformer_options: the node's TgateSettings
+RUN_KEY = "pladis_tgate_run"  # transformer_options inside a sampling run: its TgateRun
 COND, UNCOND = 0, 1
 # The model evaluation in progress on this thread.
 _EVALUATION = contextvars.ContextVar("pladis_tgate_evaluation")
@@ -30,7 +34,7 @@ _EVALUATION = contextvars.ContextVar("pladis_tgate_evaluation")
 
 @dataclass(frozen=True)
 class Evaluation:
-    holder: "TgateHolder"
+    run: "TgateRun"
     branches: list  # cond_or_uncond of the batch
     index: int  # the evaluation's place within its step
 
@@ -59,17 +63,21 @@ class TgateSchedule:
         return "cache" if i % self.fi_interval == 0 else "reuse"
 
 
-class TgateHolder:
+@dataclass(frozen=True)
+class TgateSettings:
+    """What Apply TGATE asked for: the schedule, and the CFG branch that runs alone after the gate."""
+
+    schedule: TgateSchedule
+    after_gate: str = "uncond"
+
+
+class TgateRun:
     """The state of one sampling run: the step reached, and the attention caches."""
 
-    def __init__(self, schedule, after_gate="uncond"):
-        self.schedule = schedule
-        self.after_gate = after_gate
-        self.branch = UNCOND if after_gate == "uncond" else COND
+    def __init__(self, settings):
+        self.schedule = settings.schedule
+        self.branch = UNCOND if settings.after_gate == "uncond" else COND
         self.reset()
-
-    def clone(self):
-        return TgateHolder(self.schedule, self.after_gate)
 
     def reset(self):
         self.step = 0
@@ -132,83 +140,83 @@ class CrossAttentionCapture:
 
     def __call__(self, out, extra_options):
         call = _EVALUATION.get(None)
-        if call is not None and call.holder.schedule.caches_cross_attention(call.holder.step):
-            call.holder.store(call.holder.cross, (layer_of(extra_options), call.index), out, call.branches)
+        if call is not None and call.run.schedule.caches_cross_attention(call.run.step):
+            call.run.store(call.run.cross, (layer_of(extra_options), call.index), out, call.branches)
         return out
 
 
-class CachedForward:
+class CachedForward(ForwardPatch):
     """An attention module's forward, object-patched: after the gate (cross-attention) or on
     reuse steps (self-attention) it returns the cache without computing anything.
 
-    It finds the run's holder through the model evaluation in progress (apply_model_wrapper),
-    since some DiTs (PixArt) call their attention modules without transformer_options.
+    It finds the run through the model evaluation in progress (apply_model_wrapper), since
+    some DiTs (PixArt) call their attention modules without transformer_options. The module's
+    path is also the cache key where the call does not name its block.
     """
 
-    def __init__(self, forward, kind, layer):
-        self.forward = forward  # the forward it replaces (the module's own, or another patch)
+    def __init__(self, forward, path, module, kind):
+        super().__init__(forward, path, module)
         self.kind = kind  # "cross" or "self"
-        self.layer = layer  # the module's path: the cache key where the call does not name its block
 
     def __call__(self, x, *args, **kwargs):
         call = _EVALUATION.get(None)
         if call is None:
-            return self.forward(x, *args, **kwargs)
-        holder, branches = call.holder, call.branches
-        layer = (layer_of(kwargs.get("transformer_options") or {}) or self.layer, call.index)
+            return self.inner(x, *args, **kwargs)
+        run, branches = call.run, call.branches
+        layer = (layer_of(kwargs.get("transformer_options") or {}) or self.path, call.index)
         if self.kind == "cross":
-            if holder.cross_attention_frozen():
-                out = holder.cached(holder.cross, layer, x, branches, combine=True)
+            if run.cross_attention_frozen():
+                out = run.cached(run.cross, layer, x, branches, combine=True)
                 if out is not None:
                     return out
-            out = self.forward(x, *args, **kwargs)
+            out = self.inner(x, *args, **kwargs)
             # DiT modules are captured here; UNet layers also by CrossAttentionCapture, which
             # sees the attn2 replace path too (same key, same tensor).
-            if holder.schedule.caches_cross_attention(holder.step):
-                holder.store(holder.cross, layer, out, branches)
+            if run.schedule.caches_cross_attention(run.step):
+                run.store(run.cross, layer, out, branches)
             return out
-        action = holder.schedule.self_attention(holder.step)
+        action = run.schedule.self_attention(run.step)
         if action == "reuse":
-            out = holder.cached(holder.self_attention, layer, x, branches, combine=False)
+            out = run.cached(run.self_attention, layer, x, branches, combine=False)
             if out is not None:
                 return out
-        out = self.forward(x, *args, **kwargs)
+        out = self.inner(x, *args, **kwargs)
         if action != "compute":
-            holder.store(holder.self_attention, layer, out, branches)
+            run.store(run.self_attention, layer, out, branches)
         return out
 
 
 def attention_modules(diffusion_model):
-    """(path, "cross" | "self") of the attention modules of every block that has a real
+    """(path, module, "cross" | "self") of the attention modules of every block that has a real
     cross-attention module: UNet attn2/attn1, DiT cross_attn with self_attn (Wan) or attn (PixArt)."""
     found = []
     for name, block in diffusion_model.named_modules():
         for cross, self_attention in (("attn2", "attn1"), ("cross_attn", "self_attn"), ("cross_attn", "attn")):
             if getattr(block, cross, None) is not None and getattr(block, self_attention, None) is not None:
-                found += [(f"{name}.{cross}", "cross"), (f"{name}.{self_attention}", "self")]
+                found += [(f"{name}.{cross}", getattr(block, cross), "cross"), (f"{name}.{self_attention}", getattr(block, self_attention), "self")]
                 break
     return found
 
 
-# Host hooks (WrappersMP). Each finds the run's holder in the model options it is given.
+# Host hooks (WrappersMP). Each finds the sampling run in the model options it is given.
 
 
 def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-    """A fresh holder for every sampling run, emptied at its end, even on interruption."""
+    """A fresh run for every sampling run, in the run's own copy of the options, emptied at
+    its end, even on interruption."""
     guider = executor.class_obj
     options = dict(guider.model_options)
     options["transformer_options"] = dict(options["transformer_options"])
-    holder = options["transformer_options"][HOLDER_KEY].clone()
-    options["transformer_options"][HOLDER_KEY] = holder
+    run = options["transformer_options"][RUN_KEY] = TgateRun(options["transformer_options"][SETTINGS_KEY])
     steps = len(sigmas) - 1
-    if holder.schedule.gate_step >= steps:
-        logging.info(f"TGATE: gate_step {holder.schedule.gate_step} is not below the {steps} steps of this run: "
+    if run.schedule.gate_step >= steps:
+        logging.info(f"TGATE: gate_step {run.schedule.gate_step} is not below the {steps} steps of this run: "
                      "cross-attention is never frozen and CFG never dropped")
     original, guider.model_options = guider.model_options, options
     try:
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
     finally:
-        holder.reset()
+        run.reset()
         guider.model_options = original
 
 
@@ -216,28 +224,29 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
     """Sets the step of this evaluation; after the gate only one branch runs, and its
     prediction stands for both, so CFG returns it unchanged and post-CFG functions still
     see a full pair."""
-    holder = model_options["transformer_options"].get(HOLDER_KEY)
-    if holder is None:
+    run = model_options["transformer_options"].get(RUN_KEY)
+    if run is None:  # an evaluation outside a sampling run
         return executor(model, conds, x_in, timestep, model_options)
-    holder.step = step_of(float(timestep.max()), model_options["transformer_options"].get("sample_sigmas"))
-    if not holder.schedule.after_gate(holder.step) or len(conds) != 2 or None in conds:
+    run.step = step_of(float(timestep.max()), model_options["transformer_options"].get("sample_sigmas"))
+    if not run.schedule.after_gate(run.step) or len(conds) != 2 or None in conds:
         return executor(model, conds, x_in, timestep, model_options)
-    (out,) = executor(model, [conds[holder.branch]], x_in, timestep, model_options)
+    (out,) = executor(model, [conds[run.branch]], x_in, timestep, model_options)
     return [out, out]
 
 
 def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    """Makes the run's holder and this evaluation's branches visible to the patched attention
-    modules, and after the gate drops attn2 replacements (PLADIS, IPAdapter...) from the call
-    so that the host reaches the cross-attention modules, which return their cache."""
-    holder = transformer_options.get(HOLDER_KEY)
-    if holder is None:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    if holder.cross_attention_frozen() and "attn2" in transformer_options.get("patches_replace", {}):
-        replace = {k: v for k, v in transformer_options["patches_replace"].items() if k != "attn2"}
-        transformer_options = dict(transformer_options, patches_replace=replace)
-    token = _EVALUATION.set(Evaluation(holder, transformer_options.get("cond_or_uncond", [COND]), holder.next_call()))
-    try:
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    finally:
-        _EVALUATION.reset(token)
+    """Makes the running model, the run and this evaluation's branches visible to the patched
+    attention modules, and after the gate drops attn2 replacements (PLADIS, IPAdapter...) from
+    the call so that the host reaches the cross-attention modules, which return their cache."""
+    run = transformer_options.get(RUN_KEY)
+    with running(executor.class_obj.diffusion_model):
+        if run is None:  # an evaluation outside a sampling run: nothing cached, nothing stored
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if run.cross_attention_frozen() and "attn2" in transformer_options.get("patches_replace", {}):
+            replace = {k: v for k, v in transformer_options["patches_replace"].items() if k != "attn2"}
+            transformer_options = dict(transformer_options, patches_replace=replace)
+        token = _EVALUATION.set(Evaluation(run, transformer_options.get("cond_or_uncond", [COND]), run.next_call()))
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            _EVALUATION.reset(token)

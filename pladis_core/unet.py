@@ -2,20 +2,47 @@
 
 The host's BasicTransformerBlock calls an attn2 replace patch with the projected
 q, k, v of shape (batch, tokens, heads * dim_head) and applies to_out afterwards.
+Around the patches, three host hooks keep PLADIS correct whatever else runs:
+
+- copy_on_clone (ON_CLONE): newer ComfyUI shares the objects in model_options between
+  clones; each clone gets its own patch objects, so that another node's add() on a model
+  downstream never reaches the model it came from.
+- UnetEvaluation (APPLY_MODEL): a later node that put its own replacement on a patched
+  layer (or on its whole block) is served under PLADIS for that evaluation, not dropped.
+- record_context_lengths (CALC_COND_BATCH): when the host batches conds whose contexts
+  differ in length, it repeats the shorter ones to a common length. Softmax cannot tell;
+  entmax can. The patch then keeps each sample's own context once (own_context_mask).
+
 Nothing here imports ComfyUI: the host's dense attention is passed in.
 """
+import contextvars
+
+import torch
+
 from .attention import merge_heads, pladis_attention, pladis_residual, split_heads
+from .logs import warn_once
 from .settings import PladisSettings
 
 UNET_STAGES = ("input", "middle", "output")
+# transformer_options key: {cond uuid: its context length}, where the lengths of one call differ.
+CONTEXT_LENGTHS_KEY = "pladis_context_lengths"
 # The sigma that ComfyUI's Attn2Replace assumes when called outside a sampler.
 _NO_SIGMA = 999999999.9
+
+
+class _Chain:
+    """One call of a chained patch: did a PladisAttn2 run inside it?"""
+
+    pladis_inside = False
+
+
+_CHAIN = contextvars.ContextVar("pladis_attn2_chain")
 
 
 class PladisAttn2:
     """attn2 replace patch: PLADIS attention, chained over an earlier replacement.
 
-    inner: the replacement that was on this block before (another pack's), or None.
+    inner: the replacement that was on this layer before (another pack's), or None.
     When there is one, PLADIS adds scale * (sparse - dense) v to its output.
     callbacks: the IPAdapter protocol. Packs that find a patch on their block call
     add(callback, **kwargs); each callback's result is added to the output while the
@@ -31,30 +58,52 @@ class PladisAttn2:
     def add(self, callback, **kwargs):
         self.callbacks.append((callback, kwargs))
 
+    def copy(self, inner=None):
+        """The same patch with a list of callbacks of its own (and another inner, if given)."""
+        return PladisAttn2(self.settings, self.dense_attention, self.inner if inner is None else inner, self.callbacks)
+
     def __call__(self, q, k, v, extra_options):
+        enclosing = _CHAIN.get(None)
+        if enclosing is not None:  # a later node's patch that chains this one runs inside a PladisAttn2
+            enclosing.pladis_inside = True
         if self.settings.is_identity:
-            return self._run_callbacks(self._base(q, k, v, extra_options), q, k, v, extra_options).to(q.dtype)
+            return self._run_callbacks(self._base(q, k, v, extra_options)[0], q, k, v, extra_options).to(q.dtype)
         heads = extra_options["n_heads"]
         active = self.settings.active_rows(extra_options.get("sigmas"), q.shape[0])
+        mask = own_context_mask(extra_options, q.shape[0], k.shape[1], q.device)
         if self.inner is None and active is None:
-            out = merge_heads(pladis_attention(*split_heads(heads, q, k, v), **self.settings.method()))
+            out = merge_heads(pladis_attention(*split_heads(heads, q, k, v), mask=mask, **self.settings.method()))
         else:
-            out = self._base(q, k, v, extra_options)
-            if active is None:
-                out = out + merge_heads(pladis_residual(*split_heads(heads, q, k, v), **self.settings.method()))
-            elif bool(active.any()):
-                rows = active.nonzero().flatten()
-                residual = pladis_residual(*split_heads(heads, q[rows], k[rows], v[rows]), **self.settings.method())
-                out = out.index_add(0, rows, merge_heads(residual).to(out.dtype))
+            out, pladis_inside = self._base(q, k, v, extra_options)
+            if not pladis_inside:  # else PLADIS acted in the chained patch already: once is the method
+                out = self._plus_residual(out, q, k, v, heads, active, mask)
         return self._run_callbacks(out, q, k, v, extra_options).to(q.dtype)
 
+    def _plus_residual(self, out, q, k, v, heads, active, mask):
+        """out + scale * (sparse - dense) v, for the samples in the step range."""
+        if active is None:
+            return out + merge_heads(pladis_residual(*split_heads(heads, q, k, v), mask=mask, **self.settings.method()))
+        if not bool(active.any()):
+            return out
+        rows = active.nonzero().flatten()
+        mask = None if mask is None else mask[rows]
+        residual = pladis_residual(*split_heads(heads, q[rows], k[rows], v[rows]), mask=mask, **self.settings.method())
+        return out.index_add(0, rows, merge_heads(residual).to(out.dtype))
+
     def _base(self, q, k, v, extra_options):
-        if self.inner is not None:
-            return self.inner(q, k, v, extra_options)
-        # Passing transformer_options lets an attention override (Sage, ...) serve the dense part.
-        return self.dense_attention(
-            q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
-        )
+        """(the dense output, whether a PladisAttn2 ran inside the chained patch)."""
+        if self.inner is None:
+            # Passing transformer_options lets an attention override (Sage, ...) serve the dense part.
+            out = self.dense_attention(
+                q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options
+            )
+            return out, False
+        chain = _Chain()
+        token = _CHAIN.set(chain)
+        try:
+            return self.inner(q, k, v, extra_options), chain.pladis_inside
+        finally:
+            _CHAIN.reset(token)
 
     def _run_callbacks(self, out, q, k, v, extra_options):
         if not self.callbacks:
@@ -67,19 +116,96 @@ class PladisAttn2:
         return out
 
     def to(self, device_or_dtype):
-        """The host moves patches with the model (device, then dtype); only a chained patch holds tensors."""
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(device_or_dtype)
-        return self
+        """The host moves patches with the model and keeps what this returns: a moved copy
+        where a chained patch holds tensors, never a change to this shared object."""
+        return self.copy(inner=self.inner.to(device_or_dtype)) if hasattr(self.inner, "to") else self
 
     def models(self):
         return self.inner.models() if hasattr(self.inner, "models") else []
 
     def __deepcopy__(self, memo):
-        # ComfyUI 0.3.75 deep-copies model_options on clone: keep that cheap. Settings are
-        # immutable and the chained patch is never mutated by us; the callback list is
-        # per clone because add() appends to it.
-        return PladisAttn2(self.settings, self.dense_attention, self.inner, self.callbacks)
+        return self.copy()  # ComfyUI 0.3.75 deep-copies model_options on clone: keep that cheap
+
+
+def own_context_mask(extra_options, batch, keys, device):
+    """(batch, 1, 1, keys) boolean mask that keeps each sample's own context once, where the
+    host repeated shorter contexts to batch them with longer ones; None where no sample's was.
+
+    The rows of a call are its conds (extra_options["uuids"]) in order, each as many rows.
+    """
+    lengths = extra_options.get(CONTEXT_LENGTHS_KEY)
+    uuids = extra_options.get("uuids")
+    if not lengths or not uuids or batch % len(uuids):
+        return None
+    own = [lengths.get(uuid, keys) for uuid in uuids]
+    if all(length == keys for length in own):
+        return None
+    if any(keys % length for length in own):
+        warn_once("PLADIS: a cross-attention call had keys that are not the conds' contexts repeated "
+                  "(another node added tokens); each sample's entmax there spans every key")
+        return None
+    per_row = torch.tensor(own, device=device).repeat_interleave(batch // len(uuids))
+    return (torch.arange(keys, device=device) < per_row[:, None])[:, None, None, :]
+
+
+def record_context_lengths(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper: tells the patches each cond's own context length (by uuid)
+    when they differ, so that a context the host repeated counts once."""
+    lengths = {
+        cond["uuid"]: cond["model_conds"]["c_crossattn"].cond.shape[1]
+        for group in conds if group
+        for cond in group if "uuid" in cond and "c_crossattn" in cond.get("model_conds", {})
+    }
+    if len(set(lengths.values())) > 1:
+        transformer_options = {**model_options.get("transformer_options", {}), CONTEXT_LENGTHS_KEY: lengths}
+        model_options = {**model_options, "transformer_options": transformer_options}
+    return executor(model, conds, x_in, timestep, model_options)
+
+
+def copy_on_clone(original, clone):
+    """ON_CLONE callback: the clone's own copy of every PladisAttn2 it shares with the original."""
+    find = lambda patcher: patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})  # noqa: E731
+    theirs, ours = find(original), find(clone)
+    if ours is theirs:
+        return
+    for key, patch in ours.items():
+        if isinstance(patch, PladisAttn2) and theirs.get(key) is patch:
+            ours[key] = patch.copy()
+
+
+class UnetEvaluation:
+    """APPLY_MODEL wrapper: PLADIS on each chosen layer, whatever a later node put there.
+
+    A layer's replacement is the host's lookup: (stage, number, index), else (stage, number).
+    Where that is another node's patch (one that replaced PLADIS's, or a block-wide one that
+    PLADIS's would hide), this evaluation gets a PladisAttn2 chained over it. Layers without
+    any replacement are left so: TGATE (after its gate) and the preview take them off on purpose.
+    """
+
+    def __init__(self, layers, settings, dense_attention):
+        self.layers = tuple(layers)  # (stage, number, index) of every chosen layer
+        self.settings = settings
+        self.dense_attention = dense_attention
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        replaces = transformer_options.get("patches_replace", {})
+        attn2 = self.served(replaces.get("attn2", {}))
+        if attn2 is not None:
+            transformer_options = {**transformer_options, "patches_replace": {**replaces, "attn2": attn2}}
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def served(self, attn2):
+        """attn2 with PLADIS chained over the other nodes' patches on chosen layers, or None if none needs it."""
+        changed = {}
+        for stage, number, index in self.layers:
+            long_key = (stage, number, index)
+            found, block_wide = attn2.get(long_key), attn2.get((stage, number))
+            if isinstance(found, PladisAttn2):
+                if found.inner is None and block_wide is not None and not isinstance(block_wide, PladisAttn2):
+                    changed[long_key] = found.copy(inner=block_wide)
+            elif found is not None or (block_wide is not None and not isinstance(block_wide, PladisAttn2)):
+                changed[long_key] = PladisAttn2(self.settings, self.dense_attention, found or block_wide)
+        return {**attn2, **changed} if changed else None
 
 
 def is_unet(diffusion_model):
@@ -117,7 +243,9 @@ def register_attn2_patches(model, blocks, settings, dense_attention):
 
     The key follows the convention of the IPAdapter family so that their add() finds us:
     (stage, number) where the block holds one transformer, (stage, number, index) otherwise,
-    and always the key the host would look up first if another pack already used it.
+    and always the key the host would look up first if another pack already used it. A patch
+    on that same key is chained; a block-wide one under a per-layer key is chained at each
+    evaluation (UnetEvaluation), as the host's lookup would reach it.
     Layers an earlier Apply PLADIS patched outside these blocks go back to plain attention,
     keeping what it had chained, so that the later node's settings are the whole truth.
     Returns (layers patched, layers returned to plain attention).
@@ -128,7 +256,7 @@ def register_attn2_patches(model, blocks, settings, dense_attention):
         for index in range(depth):
             long_key, short_key = (stage, number, index), (stage, number)
             key = long_key if depth > 1 or long_key in replaced else short_key
-            _replace(model, key, replaced.get(long_key, replaced.get(short_key)), settings, dense_attention)
+            _replace(model, key, replaced.get(key), settings, dense_attention)
             written.add(key)
     stale = [key for key, patch in replaced.items() if isinstance(patch, PladisAttn2) and key not in written]
     for key in stale:

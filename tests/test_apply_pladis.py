@@ -58,16 +58,25 @@ class Recorder:
         )
         return out
 
-    def __deepcopy__(self, memo):  # ComfyUI 0.3.75 deep-copies patches on clone: keep one call list
-        return Recorder(copy.deepcopy(self.patch, memo), self.calls)
-
 
 def recorded(model):
-    """A clone whose attn2 patches record their calls, and the list they record into."""
+    """A clone whose cross-attention layers record each call, and the list they record into.
+
+    The recorders wrap, in every evaluation, the attn2 replacements as the host then finds
+    them: from an APPLY_MODEL wrapper added after the nodes' (it runs inside theirs).
+    """
+    import comfy.patcher_extension
+
     calls = []
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        replaces = transformer_options.get("patches_replace", {})
+        attn2 = {key: Recorder(patch, calls) for key, patch in replaces.get("attn2", {}).items()}
+        options = {**transformer_options, "patches_replace": {**replaces, "attn2": attn2}}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
     m = model.clone()
-    for key, patch in attn2_patches(model).items():
-        m.set_model_attn2_replace(Recorder(patch, calls), *key)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_recorder", wrapper)
     return m, calls
 
 
@@ -216,7 +225,10 @@ def test_patch_objects_survive_deepcopy_and_device_moves(models, apply, unet_mod
         ({"start_percent": -0.1}, r"start_percent must lie between 0.0 and 1.0"),
         ({"end_percent": 1.5}, r"end_percent must lie between 0.0 and 1.0"),
         ({"start_percent": 0.8, "end_percent": 0.2}, r"start_percent \(0.8\) is after end_percent \(0.2\)"),
-        ({"blocks": "input:99"}, r"input 99, which have no cross-attention.*it has input 1,2,4,5,7,8; middle 0; output 3,4,5,6,7,8,9,10,11"),
+        ({"blocks": "input:99"}, r"input 99, which this model lacks; it has input 1,2,4,5,7,8; middle 0; output 3,4,5,6,7,8,9,10,11"),
+        # Refused before anything is expanded: a range this size would take the server's memory.
+        ({"blocks": "input:1-100000000000 output:3"}, r"blocks names input 9-100000000000, which this model lacks; it has input 1,2"),
+        ({"blocks": "input:3"}, r"input 3, which have no cross-attention"),
         ({"blocks": "output:0-2"}, r"output 0,1,2, which have no cross-attention"),
         ({"blocks": "up:4"}, r"'up:4' should look like input:4,5"),
         ({"blocks": "input:4,x"}, r"'x' is not an index or a range"),

@@ -1,52 +1,68 @@
 """The DiT patch objects of pladis_core.dit on their own, called as the host calls them."""
-import copy
-
 import torch
 
-from pladis_core.dit import CROSS, JOINT, BlockTag, PladisForward, PladisOverride, evaluation_wrapper
+from pladis_core import logs
+from pladis_core.dit import CROSS, JOINT, OVERRIDE_KEY, BlockTag, DitEvaluation, PladisForward, PladisOverride
 from pladis_core.settings import PladisSettings
 from reference import joint_pladis_ref, pladis_ref
 
 HEADS, TEXT, IMAGE, DIM = 2, 6, 10, 8
+KEY = ("double", 0)
 
 
-def qkv(batch=2, keys=TEXT + IMAGE, seed=0):
+def qkv(batch=2, keys=TEXT + IMAGE, seed=0, kv_heads=HEADS):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, HEADS, n, DIM, generator=g) * 2 for n in (TEXT + IMAGE, keys, keys))
+    q = torch.randn(batch, HEADS, TEXT + IMAGE, DIM, generator=g) * 2
+    return (q,) + tuple(torch.randn(batch, kv_heads, keys, DIM, generator=g) * 2 for _ in range(2))
 
 
-def dense(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
-    """A host backend on (batch, heads, tokens, dim) inputs, additive or bool masks."""
+def dense(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, scale=None, enable_gqa=False, **kwargs):
+    """A host backend: (batch, heads, tokens, dim) or merged-heads inputs, additive or bool masks."""
+    if not skip_reshape:
+        dim = q.shape[-1] // heads
+        q, k, v = (t.unflatten(-1, (-1, dim)).transpose(1, 2) for t in (q, k, v))
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
     return out if skip_output_reshape else out.transpose(1, 2).flatten(-2)
+
+
+class Block(torch.nn.Module):
+    """A module whose forward makes attention calls through the options' override."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, options):
+        return [call(options) for call in self.calls]
 
 
 class Executor:
     """What ComfyUI's WrapperExecutor hands an APPLY_MODEL wrapper: callable, with class_obj."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, diffusion_model=None):
         self.fn = fn
-        self.class_obj = type("Model", (), {"diffusion_model": None})()
+        self.class_obj = type("Model", (), {"diffusion_model": diffusion_model})()
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
 
-def run_in_block(override, call, tag_call=0, text=TEXT, sigmas=None, layout=JOINT, calls=1):
-    """Runs `calls` attention calls through the override inside a tagged block of one evaluation."""
-    results = []
+def run_in_block(settings, calls, blocks=(KEY,), tag_call=0, text=TEXT, sigmas=None, layout=JOINT, earlier=None):
+    """Each of calls(options) inside a tagged block of one evaluation, the override installed by
+    the evaluation wrapper over `earlier`; their results."""
+    model = torch.nn.Module()
+    model.block = Block(calls)
+    tagged = BlockTag(model.block.forward, "block", model.block, KEY, layout, tag_call)
+    wrapper = DitEvaluation(layout, blocks, lambda dm, context, conds: text, lambda inner: PladisOverride(settings, blocks, inner))
+    options = {"sigmas": sigmas} if earlier is None else {"sigmas": sigmas, OVERRIDE_KEY: earlier}
+    return wrapper(Executor(lambda *a, **kw: tagged(a[5]), model), None, None, None, torch.zeros(1, text, 4), None, options)
 
-    def block():
-        for _ in range(calls):
-            results.append(call())
 
-    tagged = BlockTag(block, ("double", 0), layout, tag_call)
-    wrapper = evaluation_wrapper(lambda dm, context, conds: text)
-    context = torch.zeros(1, text, 4)
-    wrapper(Executor(lambda *a, **kw: tagged()), None, None, None, context, None, {"sigmas": sigmas})
-    return results
+def attend(q, k, v, heads=HEADS, **kwargs):
+    """An attention call as a model makes it: through the override the options hold."""
+    return lambda options: options[OVERRIDE_KEY](dense, q, k, v, heads, transformer_options=options, **kwargs)
 
 
 def test_joint_call_gets_the_correction_with_a_positional_three_dimensional_mask():
@@ -54,13 +70,33 @@ def test_joint_call_gets_the_correction_with_a_positional_three_dimensional_mask
     keep = torch.ones(2, 1, TEXT + IMAGE, dtype=torch.bool)
     keep[0, :, 3:TEXT] = False  # newer Qwen-Image: padded text keys, mask (batch, 1, tokens) given by position
     mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
-    override = PladisOverride(PladisSettings(2.0, 1.5), {("double", 0)})
-    (out,) = run_in_block(override, lambda: override(dense, q, k, v, HEADS, mask, skip_reshape=True, skip_output_reshape=True, transformer_options={}))
+    (out,) = run_in_block(PladisSettings(2.0, 1.5), [lambda o: o[OVERRIDE_KEY](dense, q, k, v, HEADS, mask, skip_reshape=True, skip_output_reshape=True, transformer_options=o)])
     ref = joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5, mask=keep[:, None])
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-def test_unknown_keywords_reach_the_backend_and_the_earlier_override():
+def test_an_explicit_softmax_scale_is_the_scale_of_the_correction():
+    q, k, v = qkv()
+    scale = 0.5  # not 1 / sqrt(8)
+    (out,) = run_in_block(PladisSettings(2.0, 1.5), [attend(q, k, v, skip_reshape=True, skip_output_reshape=True, scale=scale)])
+    factor = scale * DIM**0.5  # the reference divides by sqrt(dim): scale q instead
+    ref = joint_pladis_ref(q * factor, k, v, slice(0, TEXT), 2.0, 1.5)
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (out.double() - joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5)).abs().max() > 1e-2
+
+
+def test_grouped_query_calls_with_heads_split_or_merged():
+    """Keys and values with one head serving both query heads (`enable_gqa`), as the host passes
+    them: (batch, heads, tokens, dim), or merged (batch, tokens, heads * dim) with fewer key heads."""
+    q, k, v = qkv(kv_heads=1)
+    ref = joint_pladis_ref(q, k.expand_as(q), v.expand_as(q), slice(0, TEXT), 2.0, 1.5)
+    (split_out,) = run_in_block(PladisSettings(2.0, 1.5), [attend(q, k, v, skip_reshape=True, skip_output_reshape=True, enable_gqa=True)])
+    (merged_out,) = run_in_block(PladisSettings(2.0, 1.5), [attend(*(t.transpose(1, 2).flatten(-2) for t in (q, k, v)), enable_gqa=True)])
+    assert (split_out.double() - ref).abs().max() < 1e-5
+    assert (merged_out.double() - ref.transpose(1, 2).flatten(-2)).abs().max() < 1e-5
+
+
+def test_unknown_keywords_reach_the_backend_and_the_other_override():
     seen = []
 
     def earlier(func, q, k, v, heads, **kwargs):
@@ -68,67 +104,94 @@ def test_unknown_keywords_reach_the_backend_and_the_earlier_override():
         return func(q, k, v, heads, **kwargs)
 
     q, k, v = qkv()
-    override = PladisOverride(PladisSettings(2.0, 1.5), {("double", 0)}, earlier)
-    assert not hasattr(override, "container_function")  # newer ComfyUI then hands over plain tensors
-    run_in_block(override, lambda: override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True, scale=None, enable_gqa=False, low_precision_attention=False))
-    assert seen == [["attn_precision", "enable_gqa", "low_precision_attention", "mask", "scale", "skip_output_reshape", "skip_reshape"]]
+    run_in_block(PladisSettings(2.0, 1.5), [attend(q, k, v, skip_reshape=True, skip_output_reshape=True, enable_gqa=False, low_precision_attention=False)], earlier=earlier)
+    assert not hasattr(PladisOverride(PladisSettings(2.0, 1.5), ()), "container_function")  # newer ComfyUI hands over plain tensors
+    assert seen == [["attn_precision", "enable_gqa", "low_precision_attention", "mask", "skip_output_reshape", "skip_reshape", "transformer_options"]]
+
+
+def test_the_override_the_options_hold_at_the_evaluation_serves_the_dense_attention():
+    """Whatever override another node set, before or after PLADIS, computes the dense part."""
+    q, k, v = qkv()
+    doubled = lambda func, q, k, v, heads, **kwargs: func(q, k, 2 * v, heads, **kwargs)  # noqa: E731
+    (out,) = run_in_block(PladisSettings(2.0, 1.5), [attend(q, k, v, skip_reshape=True, skip_output_reshape=True)], earlier=doubled)
+    correction = joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5) - joint_pladis_ref(q, k, v, slice(0, TEXT), 0.0, 1.5)
+    ref = joint_pladis_ref(q, k, 2 * v, slice(0, TEXT), 0.0, 1.5) + correction
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_an_override_replaced_inside_the_model_call_is_reported_once(monkeypatch, caplog):
+    monkeypatch.setattr(logs, "_said", set())
+    q, k, v = qkv()
+    sneaky = lambda options: attend(q, k, v, skip_reshape=True, skip_output_reshape=True)({**options, OVERRIDE_KEY: lambda func, *a, **kw: func(*a, **kw)})  # noqa: E731
+    for _ in range(2):
+        (out,) = run_in_block(PladisSettings(2.0, 1.5), [sneaky])
+        assert torch.equal(out, dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True))
+    assert caplog.text.count("did not reach PLADIS") == 1
 
 
 def test_calls_outside_tagged_blocks_and_later_calls_in_a_block_stay_dense():
     q, k, v = qkv()
-    override = PladisOverride(PladisSettings(2.0, 1.5), {("double", 0)})
-    plain = dense(q, k, v, HEADS, skip_output_reshape=True)
+    override = PladisOverride(PladisSettings(2.0, 1.5), {KEY})
+    plain = dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)
     assert torch.equal(override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True), plain)  # no block: a refiner, say
-    first, second = run_in_block(override, lambda: override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True), calls=2)
+    first, second = run_in_block(PladisSettings(2.0, 1.5), [attend(q, k, v, skip_reshape=True, skip_output_reshape=True)] * 2)
     assert not torch.allclose(first, plain) and torch.equal(second, plain)  # SD3.5's image-only attention
 
 
 def test_unchosen_blocks_and_identity_settings_return_the_dense_output_itself():
     q, k, v = qkv()
-    for override in (PladisOverride(PladisSettings(2.0, 1.5), {("single", 0)}), PladisOverride(PladisSettings(0.0, 1.5), {("double", 0)})):
-        (out,) = run_in_block(override, lambda: override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True))
-        assert torch.equal(out, dense(q, k, v, HEADS, skip_output_reshape=True))
+    plain = dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)
+    for settings, blocks in ((PladisSettings(2.0, 1.5), {("single", 0)}), (PladisSettings(0.0, 1.5), {KEY})):
+        (out,) = run_in_block(settings, [attend(q, k, v, skip_reshape=True, skip_output_reshape=True)], blocks=blocks)
+        assert torch.equal(out, plain)
 
 
 def test_only_samples_in_the_step_range_are_corrected():
     q, k, v = qkv()
-    override = PladisOverride(PladisSettings(2.0, 1.5, sigma_start=5.0, sigma_end=1.0), {("double", 0)})
-    sigmas = torch.tensor([3.0, 8.0])
-    (out,) = run_in_block(override, lambda: override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True, transformer_options={"sigmas": sigmas}))
+    settings = PladisSettings(2.0, 1.5, sigma_start=5.0, sigma_end=1.0)
+    (out,) = run_in_block(settings, [attend(q, k, v, skip_reshape=True, skip_output_reshape=True)], sigmas=torch.tensor([3.0, 8.0]))
     ref = joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5)
     assert (out[0].double() - ref[0]).abs().max() < 1e-5
-    assert torch.allclose(out[1], dense(q, k, v, HEADS, skip_output_reshape=True)[1])
+    assert torch.allclose(out[1], dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)[1])
 
 
 def test_cross_layout_sharpens_every_key_on_merged_heads():
     q, k, v = qkv(keys=5)
     q = q[:, :, :7]
     merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
-
-    def merged_dense(q, k, v, heads, **kwargs):
-        split = [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
-        return dense(*split, heads)
-
-    override = PladisOverride(PladisSettings(2.0, 1.5), {("double", 0)})
-    (out,) = run_in_block(override, lambda: override(merged_dense, *merged, HEADS), layout=CROSS)
+    (out,) = run_in_block(PladisSettings(2.0, 1.5), [attend(*merged)], layout=CROSS)
     ref = pladis_ref(q, k, v, 2.0, 1.5).transpose(1, 2).flatten(-2)
     assert (out.double() - ref).abs().max() < 1e-5
-    assert copy.deepcopy(override) is override
+
+
+def test_forward_patches_call_the_module_of_the_running_model():
+    """A clone whose diffusion model was rebuilt runs the new instance's module, never the one
+    the patch was made for."""
+    made_for, rebuilt = torch.nn.Module(), torch.nn.Module()
+    made_for.block, rebuilt.block = Block([lambda o: "made for"]), Block([lambda o: "rebuilt"])
+    tagged = BlockTag(made_for.block.forward, "block", made_for.block, KEY, JOINT)
+    assert tagged.forward is None  # the module's own forward is not kept
+    wrapper = DitEvaluation(JOINT, {KEY}, lambda dm, context, conds: TEXT, lambda inner: PladisOverride(PladisSettings(2.0, 1.5), {KEY}, inner))
+    assert wrapper(Executor(lambda *a, **kw: tagged(a[5]), rebuilt), None, None, None, torch.zeros(1, TEXT, 4), None, {}) == ["rebuilt"]
+    assert tagged({}) == ["made for"]  # outside any evaluation: the module it was made for
 
 
 def test_forward_replacement_falls_back_outside_a_run_and_out_of_range():
     q, k, v = qkv(keys=5)
+    model = torch.nn.Module()
+    model.attn = torch.nn.Module()
+    model.attn.forward = lambda x: "original"  # another pack's patch: kept and called
 
     def adapter(module, x):
+        assert module is model.attn
         return q, k, v, lambda out: out * 1.0
 
-    original = lambda x: "original"  # noqa: E731
-    patch = PladisForward(original, None, adapter, PladisSettings(2.0, 1.5, sigma_start=5.0))
+    patch = PladisForward(model.attn.forward, "attn", model.attn, adapter, PladisSettings(2.0, 1.5, sigma_start=5.0))
     assert patch(None) == "original"  # no evaluation: not in a sampling run
     results = []
-    wrapper = evaluation_wrapper(None)
+    wrapper = DitEvaluation(CROSS, {KEY})
     for sigma in (3.0, 8.0):
-        wrapper(Executor(lambda *a, **kw: results.append(patch(None))), None, None, None, None, None, {"sigmas": torch.tensor([sigma])})
+        wrapper(Executor(lambda *a, **kw: results.append(patch(None)), model), None, None, None, None, None, {"sigmas": torch.tensor([sigma])})
     assert (results[0].double() - pladis_ref(q, k, v, 2.0, 1.5)).abs().max() < 1e-5
     assert results[1] == "original"
 
@@ -138,8 +201,10 @@ def test_an_unknown_text_layout_leaves_the_evaluation_dense_with_one_warning(cap
         raise NotImplementedError("a layout nobody knows")
 
     q, k, v = qkv()
-    override = PladisOverride(PladisSettings(2.0, 1.5), {("double", 0)})
-    tagged = BlockTag(lambda: override(dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True), ("double", 0), JOINT)
-    outs = [evaluation_wrapper(unknown)(Executor(lambda *a, **kw: tagged()), None, None, None, torch.zeros(1, TEXT, 4), None, {}) for _ in range(2)]
-    assert all(torch.equal(out, dense(q, k, v, HEADS, skip_output_reshape=True)) for out in outs)
+    model = torch.nn.Module()
+    model.block = Block([attend(q, k, v, skip_reshape=True, skip_output_reshape=True)])
+    tagged = BlockTag(model.block.forward, "block", model.block, KEY, JOINT)
+    wrapper = DitEvaluation(JOINT, {KEY}, unknown, lambda inner: PladisOverride(PladisSettings(2.0, 1.5), {KEY}, inner))
+    outs = [wrapper(Executor(lambda *a, **kw: tagged(a[5]), model), None, None, None, torch.zeros(1, TEXT, 4), None, {}) for _ in range(2)]
+    assert all(torch.equal(out[0], dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)) for out in outs)
     assert caplog.text.count("a layout nobody knows") == 1

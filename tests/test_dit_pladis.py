@@ -43,9 +43,9 @@ def models(host):
 
 
 class Recorder:
-    """An attention override installed after PLADIS's: records each call and the output it got."""
+    """An attention override that records each call and the output it got from the one it chains."""
 
-    def __init__(self, inner):
+    def __init__(self, inner=None):
         self.inner = inner
         self.calls = []
 
@@ -61,11 +61,29 @@ class Recorder:
 
 
 def recording(model):
+    """A clone whose attention calls are recorded with the outputs they end with, and the recorder.
+
+    The recorder chains, in every evaluation, the override the host then holds: from an
+    APPLY_MODEL wrapper added after the nodes' (it runs inside theirs), as a later pack would.
+    """
+    import comfy.patcher_extension
+
+    recorder = Recorder()
+
+    def wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        recorder.inner = transformer_options.get(OVERRIDE)
+        return executor(x, t, c_concat, c_crossattn, control, {**transformer_options, OVERRIDE: recorder}, **kwargs)
+
     m = model.clone()
-    options = dict(m.model_options["transformer_options"])
-    recorder = options[OVERRIDE] = Recorder(options.get(OVERRIDE))
-    m.model_options["transformer_options"] = options
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_recorder", wrapper)
     return m, recorder
+
+
+def with_override(model, override):
+    """A clone with `override` set in its options, as SageAttention-style nodes do (replacing any)."""
+    m = model.clone()
+    m.model_options["transformer_options"] = {**m.model_options["transformer_options"], OVERRIDE: override}
+    return m
 
 
 def heads_first(t, heads, skip_reshape):
@@ -184,16 +202,41 @@ def test_the_incoming_model_is_untouched(models, flux_patch):
     assert torch.equal(sample_dit(model, "flux", steps=2), before)
 
 
-def test_an_earlier_override_still_serves_every_call(models, flux_patch):
-    """A SageAttention-style override installed before the node computes the dense part of every call."""
-    earlier, recorder = recording(models("flux"))
-    sample_dit(flux_patch(earlier, scale=SCALE, alpha=ALPHA), "flux", steps=2)
-    assert len(recorder.calls) == 2 * 2  # every call of 2 steps in both blocks went through it
-    patched, after = recording(flux_patch(earlier, scale=SCALE, alpha=ALPHA))
-    sample_dit(patched, "flux", steps=2)
-    assert len(recorder.calls) == 2 * 4 and len(after.calls) == 4
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_another_nodes_override_serves_every_call_in_either_order(models, flux_patch, order):
+    """A SageAttention-style override, set before PLADIS Flux Patch or after it (replacing what it
+    finds), computes the dense part of every call; PLADIS still acts, exactly as without it."""
+    model = models("flux")
+    sage = Recorder()
+    if order == "before":
+        patched = flux_patch(with_override(model, sage), scale=SCALE, alpha=ALPHA)
+    else:
+        patched = with_override(flux_patch(model, scale=SCALE, alpha=ALPHA), sage)
+    recorded_model, after = recording(patched)
+    result = sample_dit(recorded_model, "flux", steps=2)
+    assert len(sage.calls) == len(after.calls) == 2 * 2  # every call of 2 steps in both blocks
     for call in after.calls:
         assert max_error(call, reference_of(call, 32)) < 2e-5
+    assert torch.equal(result, sample_dit(flux_patch(model, scale=SCALE, alpha=ALPHA), "flux", steps=2))
+
+
+def test_an_override_installed_anew_in_every_evaluation_keeps_pladis(models, flux_patch):
+    """Newer ComfyUI's sparse-attention node installs its override before each evaluation (from
+    ON_PREPARE_STATE); a CALC_COND_BATCH wrapper does the same on both hosts."""
+    import comfy.patcher_extension
+
+    sparse = Recorder()
+
+    def install(executor, model, conds, x_in, timestep, model_options):
+        model_options = {**model_options, "transformer_options": {**model_options["transformer_options"], OVERRIDE: sparse}}
+        return executor(model, conds, x_in, timestep, model_options)
+
+    patched = flux_patch(models("flux"), scale=SCALE, alpha=ALPHA)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_sparse", install)
+    result = sample_dit(patched, "flux", steps=2)
+    assert len(sparse.calls) == 2 * 2
+    assert torch.equal(result, sample_dit(flux_patch(models("flux"), scale=SCALE, alpha=ALPHA), "flux", steps=2))
+    assert not torch.equal(result, sample_dit(models("flux"), "flux", steps=2))
 
 
 def test_a_later_node_replaces_an_earlier_one(models, flux_patch):
@@ -206,7 +249,9 @@ def test_a_later_node_replaces_an_earlier_one(models, flux_patch):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"double_blocks": "0-3"}, r"double_blocks names 1, 2, 3, which this model lacks; it has 0-0"),
+        ({"double_blocks": "0-3"}, r"double_blocks names 1-3, which this model lacks; it has 0-0"),
+        # Refused before anything is expanded: a range this size would take the server's memory.
+        ({"double_blocks": "0,5,1-100000000000"}, r"double_blocks names 5, 1-100000000000, which this model lacks; it has 0-0"),
         ({"single_blocks": "2,x"}, r"single_blocks '2,x': 'x' is not an index"),
         ({"double_blocks": "5-1"}, r"runs backwards"),
         ({"scale": 11.0}, r"scale must lie between -5.0 and 10.0"),

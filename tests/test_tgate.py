@@ -232,10 +232,12 @@ def test_an_interrupted_run_leaves_nothing_behind(models, nodes):
         if step == 3:
             raise KeyboardInterrupt("stopped by the user")
 
+    options = patched.model_options["transformer_options"]
+    settings = options["pladis_tgate"]
     with pytest.raises(KeyboardInterrupt):
         sample(patched, "sd15", steps=5, size=SIZE, callback=interrupt)
-    holder = patched.model_options["transformer_options"]["pladis_tgate"]
-    assert holder.cross == {} and holder.self_attention == {} and holder.step == 0
+    assert patched.model_options["transformer_options"] is options and options["pladis_tgate"] is settings
+    assert "pladis_tgate_run" not in options  # the run lived in the run's own options only
     assert torch.equal(sample(patched, "sd15", steps=5, size=SIZE), sample(tgate(model, gate_step=2, sp_interval=2, warm_up=0), "sd15", steps=5, size=SIZE))
 
 
@@ -277,6 +279,38 @@ def test_applying_twice_the_later_settings_win(models, nodes):
     twice = tgate(tgate(model, gate_step=2), gate_step=4, sp_interval=1)
     assert len(twice.model_options["transformer_options"]["patches"]["attn2_output_patch"]) == 1
     assert torch.equal(sample(twice, "sd15", steps=STEPS, size=SIZE), sample(tgate(model, gate_step=4, sp_interval=1), "sd15", steps=STEPS, size=SIZE))
+
+
+def test_an_evaluation_outside_a_sampling_run_is_plain_and_stores_nothing(models, nodes):
+    """After a run the model stays patched; another node that then calls it (with or without the
+    patcher's wrappers) gets the plain model's output, and the next run is as if none happened."""
+    tgate, _ = nodes
+    model = models["sd15"]
+    patched = tgate(model, gate_step=2, sp_interval=2, warm_up=0)
+    settings = patched.model_options["transformer_options"]["pladis_tgate"]
+    first = sample(patched, "sd15", steps=4, size=SIZE)
+    attn2 = patched.model.diffusion_model.output_blocks[3][1].transformer_blocks[0].attn2
+    assert type(attn2.__dict__.get("forward")).__name__ == "CachedForward"  # still patched: the case at hand
+    x = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([5.0])
+    context = conditioning("sd15", 9)[0][0]
+    with_wrappers = {**patched.model_options["transformer_options"], "wrappers": patched.wrappers}
+    with torch.inference_mode():
+        outs = [patched.model.apply_model(x, t, c_crossattn=context, transformer_options=options) for options in ({}, with_wrappers)]
+        patched.unpatch_model()
+        plain = model.model.apply_model(x, t, c_crossattn=context)
+    assert all(torch.equal(out, plain) for out in outs)
+    assert patched.model_options["transformer_options"]["pladis_tgate"] is settings and "pladis_tgate_run" not in patched.model_options["transformer_options"]
+    assert torch.equal(sample(patched, "sd15", steps=4, size=SIZE), first)
+
+
+def test_the_settings_shared_by_clones_cannot_be_written(models, nodes):
+    """ComfyUI 0.28's clones share the objects in model_options: the node's settings are frozen."""
+    import dataclasses
+
+    settings = nodes[0](models["sd15"]).clone().model_options["transformer_options"]["pladis_tgate"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.after_gate = "cond"
 
 
 def test_incoming_model_is_untouched(models, nodes):
@@ -383,13 +417,12 @@ def test_the_caches_of_a_run_are_freed_when_it_ends(models, nodes):
     seen = []
 
     def spy(executor, model_, conds, x_in, timestep, model_options):
-        seen.append(model_options["transformer_options"]["pladis_tgate"])
+        seen.append(model_options["transformer_options"]["pladis_tgate_run"])
         return executor(model_, conds, x_in, timestep, model_options)
 
     model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "spy", spy)
     sample(model, "sd15", steps=4, size=SIZE)
-    run_holders = {id(h): h for h in seen}
-    assert len(run_holders) == 1  # one holder for the whole run, not the node's template
-    (holder,) = run_holders.values()
-    assert holder is not model.model_options["transformer_options"]["pladis_tgate"]
-    assert holder.cross == {} and holder.self_attention == {}
+    runs = {id(run): run for run in seen}
+    assert len(runs) == 1  # one run state for the whole run
+    (run,) = runs.values()
+    assert run.cross == {} and run.self_attention == {}

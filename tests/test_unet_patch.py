@@ -3,7 +3,7 @@ import copy
 
 import torch
 
-from pladis_core.unet import PladisAttn2, PladisSettings
+from pladis_core.unet import CONTEXT_LENGTHS_KEY, PladisAttn2, PladisSettings, UnetEvaluation, copy_on_clone
 from reference import pladis_ref_projected
 
 HEADS = 4
@@ -69,20 +69,77 @@ def test_deepcopy_keeps_settings_and_separates_callbacks():
     assert len(patch.callbacks) == 1 and len(copied.callbacks) == 2
 
 
-def test_to_moves_a_chained_patch_and_returns_itself():
+def test_to_moves_a_chained_patch_into_a_copy_and_never_changes_the_shared_one():
     class Movable:
-        def __init__(self):
-            self.moves = []
+        def __init__(self, where=None):
+            self.where = where
 
         def to(self, where):
-            self.moves.append(where)
-            return self
+            return Movable(where)
 
         def models(self):
             return ["a model"]
 
     inner = Movable()
     patch = PladisAttn2(PladisSettings(2.0, 1.5), dense, inner=inner)
-    assert patch.to(torch.device("cpu")) is patch and patch.to(torch.float16) is patch
-    assert inner.moves == [torch.device("cpu"), torch.float16] and patch.models() == ["a model"]
-    assert PladisAttn2(PladisSettings(2.0, 1.5), dense).to(torch.float16).models() == []
+    patch.add(print, weight=1.0)
+    moved = patch.to(torch.float16)
+    assert moved is not patch and moved.inner.where == torch.float16 and moved.callbacks == patch.callbacks
+    assert patch.inner is inner and inner.where is None  # what another clone shares is left alone
+    assert moved.models() == ["a model"]
+    plain = PladisAttn2(PladisSettings(2.0, 1.5), dense)
+    assert plain.to(torch.float16) is plain and plain.models() == []
+
+
+def test_a_repeated_context_counts_once_for_each_sample():
+    """The host batches a 77-token cond with a 154-token one by repeating the first twice; each
+    sample must get what its own context gives alone."""
+    q, k, v = inputs(batch=2)
+    k_long, v_long = torch.cat([k[1:], k[1:].flip(1)], 1), torch.cat([v[1:], v[1:].flip(1)], 1)
+    batched_k, batched_v = torch.cat([k[:1].repeat(1, 2, 1), k_long]), torch.cat([v[:1].repeat(1, 2, 1), v_long])
+    extra = {"n_heads": HEADS, "uuids": ["short", "long"], CONTEXT_LENGTHS_KEY: {"short": 77, "long": 154}}
+    for patch in (PladisAttn2(PladisSettings(2.0, 1.5), dense), PladisAttn2(PladisSettings(2.0, 1.5), dense, inner=lambda q, k, v, e: dense(q, k, v, HEADS))):
+        out = patch(q, batched_k, batched_v, extra).double()
+        assert (out[:1] - pladis_ref_projected(q[:1], k[:1], v[:1], HEADS, 2.0, 1.5)).abs().max() < 1e-5
+        assert (out[1:] - pladis_ref_projected(q[1:], k_long, v_long, HEADS, 2.0, 1.5)).abs().max() < 1e-5
+    # Without the lengths the repeat is counted twice by entmax (what the test above guards against).
+    unaware = PladisAttn2(PladisSettings(2.0, 1.5), dense)(q, batched_k, batched_v, {"n_heads": HEADS}).double()
+    assert (unaware[:1] - pladis_ref_projected(q[:1], k[:1], v[:1], HEADS, 2.0, 1.5)).abs().max() > 1e-3
+
+
+def test_pladis_acts_once_when_a_later_patch_chains_it():
+    """A later node's patch that calls PLADIS's inside it: the evaluation's PladisAttn2 over it adds nothing more."""
+    q, k, v = inputs()
+    registered = PladisAttn2(PladisSettings(2.0, 1.5), dense)
+    later = lambda q, k, v, extra: registered(q, k, v, extra) * 2  # noqa: E731
+    out = PladisAttn2(PladisSettings(2.0, 1.5), dense, inner=later)(q, k, v, {"n_heads": HEADS})
+    assert (out.double() - 2 * pladis_ref_projected(q, k, v, HEADS, 2.0, 1.5)).abs().max() < 1e-5
+
+
+def test_the_evaluation_serves_other_patches_under_pladis():
+    ours, theirs, block_wide = PladisAttn2(PladisSettings(2.0, 1.5), dense), object(), object()
+    settings = PladisSettings(1.0, 2.0)
+    evaluation = UnetEvaluation([("input", 4, 0), ("input", 4, 1), ("output", 3, 0)], settings, dense)
+    assert evaluation.served({("input", 4, 0): ours, ("input", 4, 1): ours.copy(), ("output", 3): ours}) is None
+    served = evaluation.served({("input", 4, 0): theirs, ("input", 4, 1): ours, ("input", 4): block_wide, ("output", 3): theirs})
+    replaced, hidden, block = served[("input", 4, 0)], served[("input", 4, 1)], served[("output", 3, 0)]
+    assert isinstance(replaced, PladisAttn2) and replaced.inner is theirs and replaced.settings == settings
+    assert isinstance(hidden, PladisAttn2) and hidden.inner is block_wide and hidden.settings == ours.settings
+    assert isinstance(block, PladisAttn2) and block.inner is theirs
+    assert served[("input", 4, 1)] is not ours and ours.inner is None  # built for the evaluation, nothing changed
+    assert evaluation.served({}) is None  # taken off on purpose (TGATE after its gate, the preview)
+
+
+def test_a_clone_gets_its_own_copies_of_the_patches_it_shares():
+    class Patcher:
+        def __init__(self, attn2):
+            self.model_options = {"transformer_options": {"patches_replace": {"attn2": attn2}}}
+
+    shared, own = PladisAttn2(PladisSettings(2.0, 1.5), dense), PladisAttn2(PladisSettings(2.0, 1.5), dense)
+    original = Patcher({("input", 1): shared, ("input", 2): own})
+    clone = Patcher({("input", 1): shared, ("input", 2): own.copy(), ("input", 4): "theirs"})
+    copy_on_clone(original, clone)
+    copied = clone.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert copied[("input", 1)] is not shared and copied[("input", 1)].settings == shared.settings
+    copied[("input", 1)].add(print, weight=1.0)
+    assert shared.callbacks == [] and copied[("input", 4)] == "theirs"
