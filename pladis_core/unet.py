@@ -24,7 +24,7 @@ from .logs import warn_once
 from .settings import PladisSettings
 
 UNET_STAGES = ("input", "middle", "output")
-# transformer_options key: {cond uuid: its context length}, where the lengths of one call differ.
+# transformer_options key: {(conds list, cond uuid): its context length}, where the lengths of one call differ.
 CONTEXT_LENGTHS_KEY = "pladis_context_lengths"
 # The sigma that ComfyUI's Attn2Replace assumes when called outside a sampler.
 _NO_SIGMA = 999999999.9
@@ -131,29 +131,31 @@ def own_context_mask(extra_options, batch, keys, device):
     """(batch, 1, 1, keys) boolean mask that keeps each sample's own context once, where the
     host repeated shorter contexts to batch them with longer ones; None where no sample's was.
 
-    The rows of a call are its conds (extra_options["uuids"]) in order, each as many rows.
+    The rows of a call are its conds in order, each as many rows, and a cond is named by its
+    list (extra_options["cond_or_uncond"]) and uuid: the opposite cond the host makes for an
+    area cond is a copy that keeps the uuid.
     """
     lengths = extra_options.get(CONTEXT_LENGTHS_KEY)
-    uuids = extra_options.get("uuids")
-    if not lengths or not uuids or batch % len(uuids):
+    conds = list(zip(extra_options.get("cond_or_uncond", ()), extra_options.get("uuids", ())))
+    if not lengths or not conds or batch % len(conds):
         return None
-    own = [lengths.get(uuid, keys) for uuid in uuids]
+    own = [lengths.get(cond, keys) for cond in conds]
     if all(length == keys for length in own):
         return None
     if any(keys % length for length in own):
         warn_once("PLADIS: a cross-attention call had keys that are not the conds' contexts repeated "
                   "(another node added tokens); each sample's entmax there spans every key")
         return None
-    per_row = torch.tensor(own, device=device).repeat_interleave(batch // len(uuids))
+    per_row = torch.tensor(own, device=device).repeat_interleave(batch // len(conds))
     return (torch.arange(keys, device=device) < per_row[:, None])[:, None, None, :]
 
 
 def record_context_lengths(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: tells the patches each cond's own context length (by uuid)
-    when they differ, so that a context the host repeated counts once."""
+    """CALC_COND_BATCH wrapper: tells the patches each cond's own context length when they
+    differ, so that a context the host repeated counts once."""
     lengths = {
-        cond["uuid"]: cond["model_conds"]["c_crossattn"].cond.shape[1]
-        for group in conds if group
+        (index, cond["uuid"]): cond["model_conds"]["c_crossattn"].cond.shape[1]
+        for index, group in enumerate(conds) if group
         for cond in group if "uuid" in cond and "c_crossattn" in cond.get("model_conds", {})
     }
     if len(set(lengths.values())) > 1:

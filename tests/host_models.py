@@ -85,14 +85,18 @@ def conditioning(kind, seed, tokens=77, batch=1, full_width=False):
     return [[context, extras]]
 
 
-def sample(model, kind="sd15", steps=3, cfg=5.0, sampler="euler", scheduler="normal", size=32, seed=0, batch=1, full_width=False, **kwargs):
-    """The final latent of a real KSampler run (comfy.sample.sample) on fixed noise and prompts."""
+def sample(model, kind="sd15", steps=3, cfg=5.0, sampler="euler", scheduler="normal", size=32, seed=0, batch=1, full_width=False,
+           positive=None, negative=None, **kwargs):
+    """The final latent of a real KSampler run (comfy.sample.sample) on fixed noise and prompts
+    (positive / negative replace the default conditioning, seeds seed + 1 and seed + 2)."""
     import comfy.sample
 
     latent = torch.zeros(batch, 4, size // 8, size // 8)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-    positive = conditioning(kind, seed + 1, batch=batch, full_width=full_width)
-    negative = conditioning(kind, seed + 2, batch=batch, full_width=full_width)
+    if positive is None:
+        positive = conditioning(kind, seed + 1, batch=batch, full_width=full_width)
+    if negative is None:
+        negative = conditioning(kind, seed + 2, batch=batch, full_width=full_width)
     with torch.inference_mode():  # as ComfyUI runs its nodes
         return comfy.sample.sample(
             model, noise, steps, cfg, sampler, scheduler, positive, negative, latent, seed=seed, disable_pbar=True, **kwargs

@@ -97,7 +97,8 @@ def test_a_repeated_context_counts_once_for_each_sample():
     q, k, v = inputs(batch=2)
     k_long, v_long = torch.cat([k[1:], k[1:].flip(1)], 1), torch.cat([v[1:], v[1:].flip(1)], 1)
     batched_k, batched_v = torch.cat([k[:1].repeat(1, 2, 1), k_long]), torch.cat([v[:1].repeat(1, 2, 1), v_long])
-    extra = {"n_heads": HEADS, "uuids": ["short", "long"], CONTEXT_LENGTHS_KEY: {"short": 77, "long": 154}}
+    # The host's opposite of an area cond keeps the cond's uuid: the conds list tells them apart.
+    extra = {"n_heads": HEADS, "uuids": ["same", "same"], "cond_or_uncond": [0, 1], CONTEXT_LENGTHS_KEY: {(0, "same"): 77, (1, "same"): 154}}
     for patch in (PladisAttn2(PladisSettings(2.0, 1.5), dense), PladisAttn2(PladisSettings(2.0, 1.5), dense, inner=lambda q, k, v, e: dense(q, k, v, HEADS))):
         out = patch(q, batched_k, batched_v, extra).double()
         assert (out[:1] - pladis_ref_projected(q[:1], k[:1], v[:1], HEADS, 2.0, 1.5)).abs().max() < 1e-5
