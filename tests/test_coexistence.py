@@ -96,28 +96,58 @@ def test_ipadapter_protocol_in_both_orders(host, apply, kind):
     assert (results[0] - results[1]).norm() < 1e-2 * results[0].norm()
 
 
-def test_an_earlier_block_wide_replacement_is_chained(host, apply):
-    """A pack that patched ("output", 0) for all ten SDXL transformers keeps working under PLADIS."""
+def doubled_values(q, k, v, extra_options):
+    """Another pack's attn2 replacement without the IPAdapter protocol (no add())."""
     from comfy.ldm.modules.attention import optimized_attention
 
-    def doubled_values(q, k, v, extra_options):
-        return optimized_attention(q, k, 2 * v, extra_options["n_heads"])
+    return optimized_attention(q, k, 2 * v, extra_options["n_heads"])
 
+
+def served_under_pladis(c):
+    """The float64 output of a layer whose replacement is doubled_values, with PLADIS over it."""
+    q, k, v, heads = c["q"], c["k"], c["v"], c["heads"]
+    residual = pladis_ref_projected(q, k, v, heads, 2.0, 1.5) - pladis_ref_projected(q, k, v, heads, 0.0, 1.5)
+    return pladis_ref_projected(q, k, 2 * v, heads, 0.0, 1.5) + residual
+
+
+def check_layers(calls, replaced):
+    """Every recorded call: doubled_values under PLADIS on the replaced (block, index) layers, PLADIS elsewhere."""
+    served = 0
+    for c in calls:
+        layer = (c["block"], c["index"])
+        ref = served_under_pladis(c) if layer in replaced else pladis_ref_projected(c["q"], c["k"], c["v"], c["heads"], 2.0, 1.5)
+        served += layer in replaced
+        assert ((c["out"].double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert served == len(replaced)  # one step, cond and uncond in one call
+
+
+def test_an_earlier_block_wide_replacement_is_chained(host, apply):
+    """A pack that patched ("output", 0) for all ten SDXL transformers keeps working under PLADIS."""
     model = build_unet("sdxl", seed=4).clone()
     model.set_model_attn2_replace(doubled_values, "output", 0)
     patched = apply(model)
     assert ("output", 0) not in attn2_patches(patched) or attn2_patches(patched)[("output", 0)] is doubled_values
     rec, calls = recorded(patched)
     sample(rec, "sdxl", steps=1, size=SIZE)
-    chained = [c for c in calls if c["block"] == ("output", 0)]
-    assert len(chained) == 10
-    for c in chained:
-        dense_doubled = pladis_ref_projected(c["q"], c["k"], 2 * c["v"], c["heads"], 0.0, 1.5)
-        residual = pladis_ref_projected(c["q"], c["k"], c["v"], c["heads"], 2.0, 1.5) - pladis_ref_projected(
-            c["q"], c["k"], c["v"], c["heads"], 0.0, 1.5
-        )
-        ref = dense_doubled + residual
-        assert ((c["out"].double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    check_layers(calls, {(("output", 0), i) for i in range(10)})
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_a_later_replacement_on_a_patched_layer_is_served_under_pladis(host, apply, kind):
+    """A node after Apply PLADIS puts its own replacement where PLADIS's was (SD1.5's (block, id),
+    SDXL's (block, id, index)), or block-wide on SDXL, where PLADIS's per-layer keys would hide it:
+    PLADIS neither vanishes nor hides it."""
+    later = apply(build_unet(kind, seed=6)).clone()
+    if kind == "sd15":
+        later.set_model_attn2_replace(doubled_values, "input", 4)
+        replaced = {(("input", 4), 0)}
+    else:
+        later.set_model_attn2_replace(doubled_values, "input", 7, 3)
+        later.set_model_attn2_replace(doubled_values, "output", 0)
+        replaced = {(("input", 7), 3)} | {(("output", 0), i) for i in range(10)}
+    rec, calls = recorded(later)
+    sample(rec, kind, steps=1, size=SIZE)
+    check_layers(calls, replaced)
 
 
 def test_an_attention_override_still_serves_the_plain_attention(host, apply):

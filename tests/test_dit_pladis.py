@@ -302,6 +302,22 @@ def test_wan_text_cross_attention_matches_the_reference_and_the_clip_image_call_
         assert max_error(call, reference_of(call, "all" if any(call is c for c in text_calls) else None)) < 2e-5
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_wan_keeps_pladis_beside_another_nodes_override_in_either_order(models, apply, order):
+    model = models("wan")
+    sage = Recorder()
+    if order == "before":
+        patched = apply(with_override(model, sage), scale=SCALE, alpha=ALPHA)
+    else:
+        patched = with_override(apply(model, scale=SCALE, alpha=ALPHA), sage)
+    recorded_model, after = recording(patched)
+    result = sample_dit(recorded_model, "wan", steps=2)
+    assert len(sage.calls) == len(after.calls) == 2 * 2 * 2  # self- and cross-attention of 2 blocks, 2 steps
+    for call in after.calls:
+        assert max_error(call, reference_of(call, "all" if call[1].shape[1] == 77 else None)) < 2e-5
+    assert torch.equal(result, sample_dit(apply(model, scale=SCALE, alpha=ALPHA), "wan", steps=2))
+
+
 @pytest.mark.parametrize("kind, module_name, attention_module", [("pixart", "cross_attn", "comfy.ldm.pixart.blocks"), ("hunyuan_dit", "attn2", "comfy.ldm.hydit.attn_layers")])
 def test_pixart_and_hunyuan_cross_attention_match_the_reference(models, apply, monkeypatch, kind, module_name, attention_module):
     """Their modules call attention without transformer_options: each call's output is checked against
