@@ -57,15 +57,18 @@ class ApplyPLADIS(io.ComfyNode):
         effect = "no change (scale 0 or alpha 1 is plain attention)" if settings.is_identity else f"scale {scale}, alpha {alpha}"
         steps = f"steps {start_percent:.0%}-{end_percent:.0%}"
 
-        m = model.clone()
         if architecture is not None:  # a DiT: blocks are indexes, include_middle means nothing
             count = attention_blocks(diffusion_model, architecture)["block"]
             chosen = {("block", i) for i in select_indexes("Apply PLADIS", "blocks", blocks or "all", count)}
+        else:
+            chosen = select_blocks(cross_attention_blocks(diffusion_model), blocks or "", include_middle)
+
+        m = model.clone()
+        if architecture is not None:
             patch_dit(m, architecture, chosen, settings)
             ignored = "; include_middle means nothing on a DiT and was ignored" if include_middle else ""
             logging.info(f"Apply PLADIS: patched the cross-attention of {len(chosen)} of {count} blocks of {model_type_name(model)}: {effect}, {steps}{ignored}")
             return io.NodeOutput(m)
-        chosen = select_blocks(cross_attention_blocks(diffusion_model), blocks or "", include_middle)
         count, reverted = patch_unet(m, chosen, settings, optimized_attention)
         earlier = f"; {reverted} layers an earlier Apply PLADIS patched are plain again" if reverted else ""
         logging.info(

@@ -129,6 +129,20 @@ def test_an_override_replaced_inside_the_model_call_is_reported_once(monkeypatch
     assert caplog.text.count("did not reach PLADIS") == 1
 
 
+def test_block_forwards_replaced_by_a_later_node_are_reported_once(monkeypatch, caplog):
+    """A node after PLADIS that puts its own forward on the blocks without calling the one it found:
+    the attention still reaches the override, but no block is named; the log says why PLADIS did nothing."""
+    monkeypatch.setattr(logs, "_said", set())
+    q, k, v = qkv()
+    model = torch.nn.Module()
+    model.block = Block([attend(q, k, v, skip_reshape=True, skip_output_reshape=True)])
+    wrapper = DitEvaluation(JOINT, {KEY}, lambda dm, context, conds: TEXT, lambda inner: PladisOverride(PladisSettings(2.0, 1.5), {KEY}, inner))
+    for _ in range(2):
+        (out,) = wrapper(Executor(lambda *a, **kw: model.block(a[5]), model), None, None, None, torch.zeros(1, TEXT, 4), None, {})
+        assert torch.equal(out, dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True))
+    assert caplog.text.count("no patched block ran its own forward") == 1
+
+
 def test_calls_outside_tagged_blocks_and_later_calls_in_a_block_stay_dense():
     q, k, v = qkv()
     override = PladisOverride(PladisSettings(2.0, 1.5), {KEY})
