@@ -202,22 +202,32 @@ def test_the_incoming_model_is_untouched(models, flux_patch):
     assert torch.equal(sample_dit(model, "flux", steps=2), before)
 
 
+# kind: (the node's fixture, the attention calls of a 2-step run, the reference text of a call)
+OVERRIDE_CASES = {
+    "flux": ("flux_patch", 2 * 2, lambda call: 32),  # both blocks joint
+    "wan": ("apply", 2 * 2 * 2, lambda call: "all" if call[1].shape[1] == 77 else None),  # self- and text cross-attention
+}
+
+
 @pytest.mark.parametrize("order", ["before", "after"])
-def test_another_nodes_override_serves_every_call_in_either_order(models, flux_patch, order):
-    """A SageAttention-style override, set before PLADIS Flux Patch or after it (replacing what it
-    finds), computes the dense part of every call; PLADIS still acts, exactly as without it."""
-    model = models("flux")
+@pytest.mark.parametrize("kind", list(OVERRIDE_CASES))
+def test_another_nodes_override_serves_every_call_in_either_order(request, models, kind, order):
+    """A SageAttention-style override, set before the node or after it (replacing what it finds),
+    computes the dense part of every call; PLADIS still acts, exactly as without it."""
+    fixture, calls, text = OVERRIDE_CASES[kind]
+    node = request.getfixturevalue(fixture)
+    model = models(kind)
     sage = Recorder()
     if order == "before":
-        patched = flux_patch(with_override(model, sage), scale=SCALE, alpha=ALPHA)
+        patched = node(with_override(model, sage), scale=SCALE, alpha=ALPHA)
     else:
-        patched = with_override(flux_patch(model, scale=SCALE, alpha=ALPHA), sage)
+        patched = with_override(node(model, scale=SCALE, alpha=ALPHA), sage)
     recorded_model, after = recording(patched)
-    result = sample_dit(recorded_model, "flux", steps=2)
-    assert len(sage.calls) == len(after.calls) == 2 * 2  # every call of 2 steps in both blocks
+    result = sample_dit(recorded_model, kind, steps=2)
+    assert len(sage.calls) == len(after.calls) == calls
     for call in after.calls:
-        assert max_error(call, reference_of(call, 32)) < 2e-5
-    assert torch.equal(result, sample_dit(flux_patch(model, scale=SCALE, alpha=ALPHA), "flux", steps=2))
+        assert max_error(call, reference_of(call, text(call))) < 2e-5
+    assert torch.equal(result, sample_dit(node(model, scale=SCALE, alpha=ALPHA), kind, steps=2))
 
 
 def test_an_override_installed_anew_in_every_evaluation_keeps_pladis(models, flux_patch):
@@ -300,22 +310,6 @@ def test_wan_text_cross_attention_matches_the_reference_and_the_clip_image_call_
     assert len(image_calls) == (4 if kind == "wan_i2v" else 0)
     for call in recorder.calls:
         assert max_error(call, reference_of(call, "all" if any(call is c for c in text_calls) else None)) < 2e-5
-
-
-@pytest.mark.parametrize("order", ["before", "after"])
-def test_wan_keeps_pladis_beside_another_nodes_override_in_either_order(models, apply, order):
-    model = models("wan")
-    sage = Recorder()
-    if order == "before":
-        patched = apply(with_override(model, sage), scale=SCALE, alpha=ALPHA)
-    else:
-        patched = with_override(apply(model, scale=SCALE, alpha=ALPHA), sage)
-    recorded_model, after = recording(patched)
-    result = sample_dit(recorded_model, "wan", steps=2)
-    assert len(sage.calls) == len(after.calls) == 2 * 2 * 2  # self- and cross-attention of 2 blocks, 2 steps
-    for call in after.calls:
-        assert max_error(call, reference_of(call, "all" if call[1].shape[1] == 77 else None)) < 2e-5
-    assert torch.equal(result, sample_dit(apply(model, scale=SCALE, alpha=ALPHA), "wan", steps=2))
 
 
 @pytest.mark.parametrize("kind, module_name, attention_module", [("pixart", "cross_attn", "comfy.ldm.pixart.blocks"), ("hunyuan_dit", "attn2", "comfy.ldm.hydit.attn_layers")])
