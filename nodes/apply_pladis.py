@@ -4,10 +4,10 @@ import logging
 from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.latest import io
 
-from ..pladis_core.selection import describe_range, parse_stage_blocks
+from .selection import describe_range, parse_stage_blocks
 from ..pladis_core.settings import PladisSettings
-from ..pladis_core.unet import UNET_STAGES, cross_attention_blocks, is_unet
-from .architectures import CROSS_ARCHITECTURES, attention_blocks, find_architecture, patch_dit, patch_unet
+from ..pladis_comfy.unet import UNET_STAGES, cross_attention_blocks, is_unet
+from ..pladis_comfy.architectures import CROSS_ARCHITECTURES, attention_blocks, find_architecture, patch_dit, patch_unet
 from .common import (
     check_pladis_inputs, describe_blocks, model_type_name, percent_range_to_sigmas, pladis_inputs, select_indexes, unsupported_model_error,
 )

@@ -4,7 +4,7 @@ import logging
 import comfy.patcher_extension
 from comfy_api.latest import io
 
-from ..pladis_core import tgate
+from ..pladis_comfy import tgate
 from .common import model_type_name, unsupported_model_error
 
 WRAPPERS = {

@@ -7,9 +7,10 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.latest import io
 from PIL import Image, ImageDraw
 
-from ..pladis_core.preview import CaptureAttn2, MapCollector
-from ..pladis_core.unet import cross_attention_blocks, is_unet
-from .architectures import CROSS_ARCHITECTURES, JOINT_ARCHITECTURES, capture_dit, find_architecture, remove_unet_hooks, token_grid
+from ..pladis_comfy.preview import CaptureAttn2
+from ..pladis_core.preview import MapCollector
+from ..pladis_comfy.unet import cross_attention_blocks, is_unet
+from ..pladis_comfy.architectures import CROSS_ARCHITECTURES, JOINT_ARCHITECTURES, capture_dit, find_architecture, remove_unet_hooks, token_grid
 from .common import RANGES, check_pladis_inputs, unsupported_model_error
 
 NODE = "PLADIS Attention Preview"

@@ -1,8 +1,8 @@
 """What the nodes share: the PLADIS inputs, input checks and the words of their messages."""
 from comfy_api.latest import io
 
-from ..pladis_core.selection import describe_range, parse_index_list
-from .architectures import JOINT_ARCHITECTURES, find_architecture
+from .selection import describe_range, parse_index_list
+from ..pladis_comfy.architectures import JOINT_ARCHITECTURES, find_architecture
 
 # Model types whose text and image tokens share one softmax, also those the Flux node does not patch.
 JOINT_ATTENTION_MODELS = (

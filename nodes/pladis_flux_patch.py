@@ -4,7 +4,7 @@ import logging
 from comfy_api.latest import io
 
 from ..pladis_core.settings import PladisSettings
-from .architectures import JOINT_ARCHITECTURES, attention_blocks, find_architecture, patch_dit
+from ..pladis_comfy.architectures import JOINT_ARCHITECTURES, attention_blocks, find_architecture, patch_dit
 from .common import check_pladis_inputs, model_type_name, percent_range_to_sigmas, pladis_inputs, select_indexes, unsupported_model_error
 
 NODE = "PLADIS Flux Patch"

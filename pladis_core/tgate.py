@@ -1,6 +1,6 @@
-"""TGATE (arXiv 2404.02747): cache attention once it has converged, and drop CFG after the gate.
+"""TGATE's schedule (arXiv 2404.02747): which steps compute, cache or reuse attention.
 
-The schedule, with i the 0-based step of the run's own schedule:
+With i the 0-based step of the run's own schedule:
 
     i <  gate-1   cross-attention computed; self-attention computed (i < warm_up), cached
                   (i == warm_up, or i % sp_interval == 0) or reused from the cache
@@ -8,35 +8,11 @@ The schedule, with i the 0-based step of the run's own schedule:
     i >  gate-1   cross-attention returns its cache; one CFG branch only; self-attention
                   cached when i % fi_interval == 0, else reused
 
-Steps are positions in the run's own schedule (transformer_options["sample_sigmas"]): a
-partial denoise or KSamplerAdvanced's start_step counts from its first step, and samplers
-that evaluate several times per step still count steps, not calls.
-The node stores only what it was asked for (TgateSettings, never written). The OUTER_SAMPLE
-wrapper makes one TgateRun per sampling run, which holds the step and the caches, in its own
-copy of the options; the patched attention modules find it through the evaluation in
-progress (apply_model_wrapper). A model evaluation outside a sampling run finds no run and
-is computed plainly. Nothing here imports ComfyUI.
+Steps are positions in the run's own schedule (its sample sigmas): a partial denoise or
+KSamplerAdvanced's start_step counts from its first step, and samplers that evaluate several
+times per step still count steps, not calls. pladis_comfy/tgate.py applies it in ComfyUI.
 """
-import contextvars
-import logging
 from dataclasses import dataclass
-
-import torch
-
-from .patching import ForwardPatch, running
-
-SETTINGS_KEY = "pladis_tgate"  # transformer_options: the node's TgateSettings
-RUN_KEY = "pladis_tgate_run"  # transformer_options inside a sampling run: its TgateRun
-COND, UNCOND = 0, 1
-# The model evaluation in progress on this thread.
-_EVALUATION = contextvars.ContextVar("pladis_tgate_evaluation")
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    run: "TgateRun"
-    branches: list  # cond_or_uncond of the batch
-    index: int  # the evaluation's place within its step
 
 
 @dataclass(frozen=True)
@@ -63,58 +39,6 @@ class TgateSchedule:
         return "cache" if i % self.fi_interval == 0 else "reuse"
 
 
-@dataclass(frozen=True)
-class TgateSettings:
-    """What Apply TGATE asked for: the schedule, and the CFG branch that runs alone after the gate."""
-
-    schedule: TgateSchedule
-    after_gate: str = "uncond"
-
-
-class TgateRun:
-    """The state of one sampling run: the step reached, and the attention caches."""
-
-    def __init__(self, settings):
-        self.schedule = settings.schedule
-        self.branch = UNCOND if settings.after_gate == "uncond" else COND
-        self.reset()
-
-    def reset(self):
-        self.step = 0
-        self.cross = {}  # ((layer, call index), branch) -> per-sample output after to_out
-        self.self_attention = {}  # ((layer, call index), branch) -> per-sample output
-        self._calls = (None, 0)  # (step, model evaluations seen in it)
-
-    def next_call(self):
-        """The index of this model evaluation within its step. Tiled or windowed sampling
-        (several calls per step on different parts of the latent) keeps one cache per call."""
-        step, seen = self._calls
-        index = seen if step == self.step else 0
-        self._calls = (self.step, index + 1)
-        return index
-
-    def cross_attention_frozen(self):
-        return self.schedule.after_gate(self.step) and bool(self.cross)
-
-    def store(self, cache, layer, out, cond_or_uncond):
-        for branch, chunk in zip(cond_or_uncond, out.chunk(len(cond_or_uncond))):
-            cache[(layer, branch)] = chunk.detach()
-
-    def cached(self, cache, layer, x, cond_or_uncond, combine):
-        """The cached output for this call's batch, or None where it does not fit."""
-        if combine:  # the cross-attention cache: the mean of the branches that ran
-            parts = [cache[(layer, b)] for b in (COND, UNCOND) if (layer, b) in cache]
-            per_branch = [sum(parts) / len(parts)] * len(cond_or_uncond) if parts else []
-        else:
-            per_branch = [cache.get((layer, b)) for b in cond_or_uncond]
-        if not per_branch or any(p is None for p in per_branch):
-            return None
-        out = torch.cat(per_branch)
-        if out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
-            return None  # not this run's batch or resolution: compute instead
-        return out.to(device=x.device, dtype=x.dtype)
-
-
 def step_of(sigma, sample_sigmas):
     """The 0-based step of an evaluation at sigma: the schedule interval (s[j+1], s[j]] it
     lies in. Extra evaluations of multi-step samplers (dpm_2, SDE) fall inside their
@@ -123,130 +47,3 @@ def step_of(sigma, sample_sigmas):
         return 0
     reached = (sample_sigmas[:-1] >= sigma * (1 - 1e-5)).sum().item()
     return max(0, int(reached) - 1)
-
-
-def layer_of(transformer_options):
-    """The layer a UNet attention call belongs to: (block, number, index in the block)."""
-    block = transformer_options.get("block")
-    return (block[0], block[1], transformer_options.get("block_index", 0)) if block else None
-
-
-class CrossAttentionCapture:
-    """attn2_output_patch: at the gate step, keep each layer's output after to_out.
-
-    It runs after the attention module and after any attn2 replacement (PLADIS), so the
-    cache holds exactly what the layer produced.
-    """
-
-    def __call__(self, out, extra_options):
-        call = _EVALUATION.get(None)
-        if call is not None and call.run.schedule.caches_cross_attention(call.run.step):
-            call.run.store(call.run.cross, (layer_of(extra_options), call.index), out, call.branches)
-        return out
-
-
-class CachedForward(ForwardPatch):
-    """An attention module's forward, object-patched: after the gate (cross-attention) or on
-    reuse steps (self-attention) it returns the cache without computing anything.
-
-    It finds the run through the model evaluation in progress (apply_model_wrapper), since
-    some DiTs (PixArt) call their attention modules without transformer_options. The module's
-    path is also the cache key where the call does not name its block.
-    """
-
-    def __init__(self, forward, path, module, kind):
-        super().__init__(forward, path, module)
-        self.kind = kind  # "cross" or "self"
-
-    def __call__(self, x, *args, **kwargs):
-        call = _EVALUATION.get(None)
-        if call is None:
-            return self.inner(x, *args, **kwargs)
-        run, branches = call.run, call.branches
-        layer = (layer_of(kwargs.get("transformer_options") or {}) or self.path, call.index)
-        if self.kind == "cross":
-            if run.cross_attention_frozen():
-                out = run.cached(run.cross, layer, x, branches, combine=True)
-                if out is not None:
-                    return out
-            out = self.inner(x, *args, **kwargs)
-            # DiT modules are captured here; UNet layers also by CrossAttentionCapture, which
-            # sees the attn2 replace path too (same key, same tensor).
-            if run.schedule.caches_cross_attention(run.step):
-                run.store(run.cross, layer, out, branches)
-            return out
-        action = run.schedule.self_attention(run.step)
-        if action == "reuse":
-            out = run.cached(run.self_attention, layer, x, branches, combine=False)
-            if out is not None:
-                return out
-        out = self.inner(x, *args, **kwargs)
-        if action != "compute":
-            run.store(run.self_attention, layer, out, branches)
-        return out
-
-
-def attention_modules(diffusion_model):
-    """(path, module, "cross" | "self") of the attention modules of every block that has a real
-    cross-attention module: UNet attn2/attn1, DiT cross_attn with self_attn (Wan) or attn (PixArt)."""
-    found = []
-    for name, block in diffusion_model.named_modules():
-        for cross, self_attention in (("attn2", "attn1"), ("cross_attn", "self_attn"), ("cross_attn", "attn")):
-            if getattr(block, cross, None) is not None and getattr(block, self_attention, None) is not None:
-                found += [(f"{name}.{cross}", getattr(block, cross), "cross"), (f"{name}.{self_attention}", getattr(block, self_attention), "self")]
-                break
-    return found
-
-
-# Host hooks (WrappersMP). Each finds the sampling run in the model options it is given.
-
-
-def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-    """A fresh run for every sampling run, in the run's own copy of the options, emptied at
-    its end, even on interruption."""
-    guider = executor.class_obj
-    options = dict(guider.model_options)
-    options["transformer_options"] = dict(options["transformer_options"])
-    run = options["transformer_options"][RUN_KEY] = TgateRun(options["transformer_options"][SETTINGS_KEY])
-    steps = len(sigmas) - 1
-    if run.schedule.gate_step >= steps:
-        logging.info(f"TGATE: gate_step {run.schedule.gate_step} is not below the {steps} steps of this run: "
-                     "cross-attention is never frozen and CFG never dropped")
-    original, guider.model_options = guider.model_options, options
-    try:
-        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-    finally:
-        run.reset()
-        guider.model_options = original
-
-
-def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_options):
-    """Sets the step of this evaluation; after the gate only one branch runs, and its
-    prediction stands for both, so CFG returns it unchanged and post-CFG functions still
-    see a full pair."""
-    run = model_options["transformer_options"].get(RUN_KEY)
-    if run is None:  # an evaluation outside a sampling run
-        return executor(model, conds, x_in, timestep, model_options)
-    run.step = step_of(float(timestep.max()), model_options["transformer_options"].get("sample_sigmas"))
-    if not run.schedule.after_gate(run.step) or len(conds) != 2 or None in conds:
-        return executor(model, conds, x_in, timestep, model_options)
-    (out,) = executor(model, [conds[run.branch]], x_in, timestep, model_options)
-    return [out, out]
-
-
-def apply_model_wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-    """Makes the running model, the run and this evaluation's branches visible to the patched
-    attention modules, and after the gate drops attn2 replacements (PLADIS, IPAdapter...) from
-    the call so that the host reaches the cross-attention modules, which return their cache."""
-    run = transformer_options.get(RUN_KEY)
-    with running(executor.class_obj.diffusion_model):
-        if run is None:  # an evaluation outside a sampling run: nothing cached, nothing stored
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        if run.cross_attention_frozen() and "attn2" in transformer_options.get("patches_replace", {}):
-            replace = {k: v for k, v in transformer_options["patches_replace"].items() if k != "attn2"}
-            transformer_options = dict(transformer_options, patches_replace=replace)
-        token = _EVALUATION.set(Evaluation(run, transformer_options.get("cond_or_uncond", [COND]), run.next_call()))
-        try:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        finally:
-            _EVALUATION.reset(token)

@@ -12,17 +12,12 @@ PACK = Path(__file__).resolve().parent.parent
 # Appended, not prepended: ComfyUI's own top-level 'nodes' module must win over our nodes/ folder.
 sys.path.append(str(PACK))
 
-from host import Host, comfyui_host  # noqa: E402
-
-_host = None
+from host import loaded  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def host():
-    global _host
-    if _host is None:
-        root = comfyui_host.find_comfyui()
-        if root is None:
-            pytest.fail("No ComfyUI found: set COMFYUI_PATH, or run scripts/setup.sh to lay down the pinned one.")
-        _host = Host(root)
-    return _host
+    try:
+        return loaded()
+    except RuntimeError as missing:
+        pytest.fail(str(missing))

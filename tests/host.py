@@ -54,5 +54,20 @@ class Host:
         return self.nodes.NODE_CLASS_MAPPINGS[node_id]
 
     def pack_module(self, name):
-        """A module of the pack as ComfyUI imported it, e.g. 'pladis_core.unet'."""
+        """A module of the pack as ComfyUI imported it, e.g. 'pladis_comfy.unet'."""
         return sys.modules[f"{self.package}.{name}"]
+
+
+_loaded = None
+
+
+def loaded():
+    """The Host of the ComfyUI that scripts/comfyui_host.py finds, made once per process.
+    Modules of the pack's glue import only inside it: pack_module gives them."""
+    global _loaded
+    if _loaded is None:
+        root = comfyui_host.find_comfyui()
+        if root is None:
+            raise RuntimeError("No ComfyUI found: set COMFYUI_PATH, or run scripts/setup.sh to lay down the pinned one.")
+        _loaded = Host(root)
+    return _loaded

@@ -24,7 +24,7 @@ def apply(host):
 
 @pytest.fixture(scope="module")
 def unet_module(host):
-    return host.pack_module("pladis_core.unet")
+    return host.pack_module("pladis_comfy.unet")
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])

@@ -90,7 +90,7 @@ def test_batched_and_one_at_a_time_give_the_same_image(unets, apply, one_at_a_ti
 
 def test_without_the_lengths_the_repeat_would_change_the_image(unets, apply, monkeypatch, host):
     """What the tests above guard against is visible at their tolerance."""
-    unet = host.pack_module("pladis_core.unet")
+    unet = host.pack_module("pladis_comfy.unet")
     patched = apply(unets["sd15"])
     batched = run(patched, "sd15", "long prompt, short negative", steps=3)
     monkeypatch.setattr(unet, "own_context_mask", lambda *args: None)

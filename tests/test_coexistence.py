@@ -65,7 +65,7 @@ def apply(host):
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_ipadapter_protocol_in_both_orders(host, apply, kind):
-    unet = host.pack_module("pladis_core.unet")
+    unet = host.pack_module("pladis_comfy.unet")
     model = build_unet(kind, seed=3)
     sampling = model.get_model_object("model_sampling")
     # The image prompt acts on the second half of the schedule only.

@@ -1,10 +1,13 @@
-"""The DiT patch objects of pladis_core.dit on their own, called as the host calls them."""
+"""The DiT patch objects of pladis_comfy/dit.py on their own, called as the host calls them."""
 import torch
 
-from pladis_core import logs
-from pladis_core.dit import CROSS, JOINT, OVERRIDE_KEY, BlockTag, DitEvaluation, PladisForward, PladisOverride
-from pladis_core.settings import PladisSettings
+from host import loaded
 from reference import joint_pladis_ref, pladis_ref
+
+dit, logs = loaded().pack_module("pladis_comfy.dit"), loaded().pack_module("pladis_core.logs")
+CROSS, JOINT, OVERRIDE_KEY = dit.CROSS, dit.JOINT, dit.OVERRIDE_KEY
+BlockTag, DitEvaluation, PladisForward, PladisOverride = dit.BlockTag, dit.DitEvaluation, dit.PladisForward, dit.PladisOverride
+PladisSettings = loaded().pack_module("pladis_core.settings").PladisSettings
 
 HEADS, TEXT, IMAGE, DIM = 2, 6, 10, 8
 KEY = ("double", 0)

@@ -212,7 +212,7 @@ def _untracked_hint():
         ).stdout.split()
     except OSError:
         return ""
-    ours = [p for p in out if p == "__init__.py" or p.split("/")[0] in ("nodes", "pladis_core")]
+    ours = [p for p in out if p == "__init__.py" or p.split("/")[0] in ("nodes", "pladis_comfy", "pladis_core")]
     return f"\nNot tracked by git, so not shipped (git add them if the pack needs them): {ours}" if ours else ""
 
 
@@ -303,7 +303,7 @@ def test_pip_install_into_a_clean_venv(installed, tracked):
     expected = {
         f"{PACKAGE}/{p}"
         for p in tracked
-        if p.endswith(".py") and (p == "__init__.py" or p.split("/")[0] in ("nodes", "pladis_core"))
+        if p.endswith(".py") and (p == "__init__.py" or p.split("/")[0] in ("nodes", "pladis_comfy", "pladis_core"))
     }
     assert f"{PACKAGE}/pladis_core/entmax.py" in expected
     assert modules == expected, (

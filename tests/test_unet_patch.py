@@ -3,8 +3,12 @@ import copy
 
 import torch
 
-from pladis_core.unet import CONTEXT_LENGTHS_KEY, PladisAttn2, PladisSettings, UnetEvaluation, copy_on_clone
+from host import loaded
 from reference import pladis_ref_projected
+
+unet = loaded().pack_module("pladis_comfy.unet")
+CONTEXT_LENGTHS_KEY, PladisAttn2, PladisSettings = unet.CONTEXT_LENGTHS_KEY, unet.PladisAttn2, unet.PladisSettings
+UnetEvaluation, copy_on_clone = unet.UnetEvaluation, unet.copy_on_clone
 
 HEADS = 4
 

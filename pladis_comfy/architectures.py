@@ -11,10 +11,10 @@ import comfy.patcher_extension
 from comfy.ldm.hydit.attn_layers import apply_rotary_emb
 
 from ..pladis_core.attention import merge_heads
-from ..pladis_core.dit import CROSS, JOINT, BlockTag, CaptureForward, CaptureOverride, DitEvaluation, PladisForward, PladisOverride
-from ..pladis_core.patching import foreign
-from ..pladis_core.tgate import CachedForward
-from ..pladis_core.unet import UnetEvaluation, copy_on_clone, record_context_lengths, register_attn2_patches
+from .dit import CROSS, JOINT, BlockTag, CaptureForward, CaptureOverride, DitEvaluation, PladisForward, PladisOverride
+from .patching import foreign
+from .tgate import CachedForward
+from .unet import UnetEvaluation, copy_on_clone, record_context_lengths, register_attn2_patches
 
 WRAPPER_KEY = "pladis_dit"
 UNET_KEY = "pladis_unet"

@@ -19,9 +19,9 @@ import contextvars
 
 import torch
 
-from .attention import merge_heads, pladis_attention, pladis_residual, split_heads
-from .logs import warn_once
-from .settings import PladisSettings
+from ..pladis_core.attention import merge_heads, pladis_attention, pladis_residual, split_heads
+from ..pladis_core.logs import warn_once
+from ..pladis_core.settings import PladisSettings
 
 UNET_STAGES = ("input", "middle", "output")
 # transformer_options key: {(conds list, cond uuid): its context length}, where the lengths of one call differ.

@@ -19,8 +19,8 @@ their cross-attention modules' forward instead. Nothing here imports ComfyUI.
 """
 import contextvars
 
-from .attention import joint_residual, merge_heads, pladis_attention, pladis_residual
-from .logs import warn_once
+from ..pladis_core.attention import joint_residual, merge_heads, pladis_attention, pladis_residual
+from ..pladis_core.logs import warn_once
 from .patching import ForwardPatch, running
 
 JOINT, CROSS = "joint", "cross"
