@@ -7,10 +7,11 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.latest import io
 from PIL import Image, ImageDraw
 
+from ..pladis_comfy.architectures import UNET, attention_blocks, find_architecture, token_grid
 from ..pladis_comfy.preview import CaptureAttn2
+from ..pladis_comfy.register import capture_dit, remove_unet_hooks
+from ..pladis_comfy.unet import cross_attention_blocks
 from ..pladis_core.preview import MapCollector
-from ..pladis_comfy.unet import cross_attention_blocks, is_unet
-from ..pladis_comfy.architectures import CROSS_ARCHITECTURES, JOINT_ARCHITECTURES, capture_dit, find_architecture, remove_unet_hooks, token_grid
 from .common import RANGES, check_pladis_inputs, unsupported_model_error
 
 NODE = "PLADIS Attention Preview"
@@ -27,7 +28,7 @@ class PladisAttentionPreview(io.ComfyNode):
             description="Runs one model evaluation and shows where a text token attends over the image: "
             "the dense softmax map, the alpha-entmax map and the PLADIS map, averaged over heads and layers.",
             inputs=[
-                io.Model.Input("model", tooltip="Any model the pack patches (UNets, Wan, PixArt, HunyuanDiT, Flux-like models)."),
+                io.Model.Input("model", tooltip="Any model that Apply PLADIS or PLADIS Flux Patch patches."),
                 io.Conditioning.Input("positive", tooltip="The prompt whose token is shown."),
                 io.Latent.Input("latent", tooltip="Sets the image size (an empty latent is fine)."),
                 io.Int.Input(
@@ -53,7 +54,10 @@ class PladisAttentionPreview(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         diffusion_model = model.get_model_object("diffusion_model")
         m = model.clone()
-        if is_unet(diffusion_model):
+        architecture = find_architecture(diffusion_model)
+        if architecture is None or architecture.node is None:
+            raise unsupported_model_error(NODE, model)
+        if architecture.layout == UNET:
             collector = MapCollector(token_index, scale, alpha)
             capture = CaptureAttn2(collector, optimized_attention)
             options = dict(m.model_options["transformer_options"])
@@ -64,11 +68,9 @@ class PladisAttentionPreview(io.ComfyNode):
                 for index in range(depth):
                     m.set_model_attn2_replace(capture, stage, number, index if depth > 1 else None)
         else:
-            architecture = find_architecture(diffusion_model, CROSS_ARCHITECTURES) or find_architecture(diffusion_model, JOINT_ARCHITECTURES)
-            if architecture is None:
-                raise unsupported_model_error(NODE, model, "the models the pack patches")
-            collector = MapCollector(token_index, scale, alpha, token_grid(diffusion_model, samples.shape))
-            capture_dit(m, architecture, collector)
+            collector = MapCollector(token_index, scale, alpha, token_grid(diffusion_model, samples.shape, architecture))
+            every = {(kind, i) for kind, n in attention_blocks(diffusion_model, architecture).items() for i in range(n)}
+            capture_dit(m, architecture, collector, every)
 
         sampling = model.get_model_object("model_sampling")
         sigma = min(float(sampling.percent_to_sigma(step_percent)), float(sampling.sigma_max))

@@ -2,13 +2,8 @@
 from comfy_api.latest import io
 
 from .selection import describe_range, parse_index_list
-from ..pladis_comfy.architectures import JOINT_ARCHITECTURES, find_architecture
+from ..pladis_comfy.architectures import APPLY_TGATE, FLUX_PATCH, find_architecture, supported
 
-# Model types whose text and image tokens share one softmax, also those the Flux node does not patch.
-JOINT_ATTENTION_MODELS = (
-    "Flux", "Chroma", "SD3", "QwenImage", "Lumina2", "MingImage", "LongCatImage", "MageFlow", "HiDream", "AuraFlow",
-    "HunyuanVideo", "HunyuanImage",
-)
 RANGES = {"scale": (-5.0, 10.0), "alpha": (1.0, 2.0), "start_percent": (0.0, 1.0), "end_percent": (0.0, 1.0)}
 
 
@@ -50,21 +45,23 @@ def model_type_name(model):
     return type(model.model).__name__
 
 
-def unsupported_model_error(node, model, supported):
-    """The error of a node that cannot patch this model, with the way out where there is one."""
+def unsupported_model_error(node, model):
+    """The error of a node that cannot patch this model: what the node patches, and why not this model."""
     name = model_type_name(model)
-    joint = any(name.startswith(prefix) for prefix in JOINT_ATTENTION_MODELS)
-    if node == "PLADIS Flux Patch":
-        hint = "Its joint attention is not one this node knows." if joint else "For models with cross-attention use 'Apply PLADIS'."
-    elif not joint:
-        hint = "It has no cross-attention that this node can patch."
-    elif node == "Apply TGATE":
-        hint = "Its text and image tokens share one joint attention, which TGATE cannot cache."
-    elif find_architecture(model.get_model_object("diffusion_model"), JOINT_ARCHITECTURES):
+    diffusion_model = model.get_model_object("diffusion_model")
+    architecture = find_architecture(diffusion_model)
+    if architecture is None:
+        kind = type(diffusion_model)
+        hint = f"The pack does not know its architecture ({kind.__module__}.{kind.__name__})."
+    elif architecture.refused:
+        hint = f"{architecture.refused}."
+    elif node == APPLY_TGATE:
+        hint = f"TGATE does not apply to {architecture.models}: {architecture.tgate}."
+    elif architecture.node == FLUX_PATCH:
         hint = "Its text and image tokens share one joint attention: use the 'PLADIS Flux Patch' node instead."
     else:
-        hint = "Its text and image tokens share one joint attention, which this pack does not patch yet."
-    return ValueError(f"{node} works on {supported}; this model is {name}. {hint}")
+        hint = "Its text enters through cross-attention: use the 'Apply PLADIS' node instead."
+    return ValueError(f"{node} works on {supported(node)}; this model is {name}. {hint}")
 
 
 def percent_range_to_sigmas(model, start_percent, end_percent):

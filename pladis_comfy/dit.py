@@ -1,11 +1,10 @@
 """PLADIS inside transformer (DiT) models: joint attention and DiT cross-attention.
 
-Joint-attention models (Flux, Chroma, SD3, Qwen-Image, Lumina2) and Wan call the host's
-attention with transformer_options, so an optimized_attention_override reaches them.
-Three pieces meet at run time:
+Most transformers call the host's attention with transformer_options, so an
+optimized_attention_override reaches them. Three pieces meet at run time:
 
-- BlockTag, an object patch on a block's forward, names the block for the attention
-  calls made inside it (the host does not name blocks in every model and version).
+- BlockTag, an object patch on a block's (or its attention module's) forward, names the
+  block for the attention calls made inside it, with the layout of its text.
 - DitEvaluation, the APPLY_MODEL wrapper, gives each model evaluation its text length and
   sigmas, and installs the override for that evaluation only, outermost over whatever
   override the options hold then. Another node's override, set before or after ours (Sage
@@ -14,16 +13,24 @@ Three pieces meet at run time:
 - PladisOverride, the override itself: the dense attention of every call as the host (or that
   other override) computes it, plus the PLADIS correction in calls of the chosen blocks.
 
-PixArt and HunyuanDiT call attention without transformer_options; PladisForward replaces
-their cross-attention modules' forward instead. Nothing here imports ComfyUI.
+Modules that call attention without transformer_options (PixArt, HunyuanDiT, Ernie Image)
+get PladisForward on their forward instead. Nothing here imports ComfyUI.
+
+Layouts: in CROSS attention every key is text. In joint attention one sequence holds text
+and image tokens: TEXT_FIRST, TEXT_LAST, or TEXT_AFTER_QUERIES, where the keys are the
+queries' own (image) tokens followed by the text (Stable Cascade).
 """
 import contextvars
+import inspect
+
+import torch
 
 from ..pladis_core.attention import joint_residual, merge_heads, pladis_attention, pladis_residual
 from ..pladis_core.logs import warn_once
+from .conds import own_text
 from .patching import ForwardPatch, running
 
-JOINT, CROSS = "joint", "cross"
+CROSS, TEXT_FIRST, TEXT_LAST, TEXT_AFTER_QUERIES = "cross", "text first", "text last", "text after the queries"
 # The host's transformer_options key for an attention override.
 OVERRIDE_KEY = "optimized_attention_override"
 _BLOCK = contextvars.ContextVar("pladis_block")
@@ -33,21 +40,33 @@ _EVALUATION = contextvars.ContextVar("pladis_evaluation")
 class Evaluation:
     """One model evaluation: what the patches need, and what they saw (for the log)."""
 
-    def __init__(self, text_tokens, sigmas, blocks):
-        self.text_tokens = text_tokens  # text tokens at the front of a joint sequence (0 where unknown)
+    def __init__(self, text_tokens, sigmas, blocks, options):
+        self.text_tokens = text_tokens  # text tokens in a joint sequence (0 where unknown)
         self.sigmas = sigmas  # this evaluation's transformer_options["sigmas"]
         self.blocks = blocks  # the blocks that the override acts in
+        self.options = options  # this evaluation's transformer_options, with the override (for calls that get none)
         self.tagged_runs = 0  # runs of tagged block forwards
         self.override_calls = 0  # attention calls that reached the override
         self.unreached = False  # a chosen block ran without any attention call reaching the override
+
+
+def text_span(layout, text, queries, keys):
+    """(the text keys, the image query rows) of an attention call, or None where it has no
+    text beside image queries (a text-only or image-only call of a joint model)."""
+    if layout == CROSS:
+        return slice(None), slice(None)
+    if layout == TEXT_AFTER_QUERIES:
+        return (slice(queries, queries + text), slice(None)) if 0 < text <= keys - queries else None
+    if not 0 < text < queries or keys != queries:
+        return None
+    return (slice(0, text), slice(text, None)) if layout == TEXT_FIRST else (slice(keys - text, keys), slice(0, queries - text))
 
 
 class BlockTag(ForwardPatch):
     """Object patch on `<path>.forward` that names the block to the attention calls inside.
 
     key: the block as the nodes number them, e.g. ("double", 3).
-    layout: JOINT (text tokens first, then image tokens, in one sequence) or CROSS (image
-    queries, text keys).
+    layout: CROSS or one of the joint layouts (see the module's docstring).
     call: the attention call inside the forward that PLADIS applies to (Wan I2V attends
     to the CLIP image tokens first, then to the text).
     """
@@ -57,15 +76,20 @@ class BlockTag(ForwardPatch):
         self.key = key
         self.layout = layout
         self.call = call
+        self.takes_options = "transformer_options" in inspect.signature(type(module).forward).parameters
 
     def __call__(self, *args, **kwargs):
+        evaluation = _EVALUATION.get(None)
+        if evaluation is not None and self.takes_options and not kwargs.get("transformer_options"):
+            # A model that runs this module without its options (ComfyUI 0.3.75's Wan S2V): the
+            # attention would not reach the override, so the evaluation's options go in.
+            kwargs["transformer_options"] = evaluation.options
         run = _BlockRun(self)
         token = _BLOCK.set(run)
         try:
             return self.inner(*args, **kwargs)
         finally:
             _BLOCK.reset(token)
-            evaluation = _EVALUATION.get(None)
             if evaluation is not None:
                 evaluation.tagged_runs += 1
                 evaluation.unreached |= run.calls == 0 and self.key in evaluation.blocks
@@ -87,9 +111,9 @@ class DitEvaluation:
     """APPLY_MODEL wrapper: names the running model and the evaluation to the patches, and
     installs this evaluation's attention override.
 
-    text_tokens(diffusion_model, context, conds) counts the text tokens that lead a joint
-    sequence (None for cross-attention); it raises NotImplementedError for a layout it does not
-    know, and that evaluation stays dense (with a warning, once).
+    text_tokens(diffusion_model, context, conds) counts the text tokens of a joint sequence
+    (None for cross-attention); it raises NotImplementedError for a layout it does not know,
+    and that evaluation stays dense (with a warning, once).
     make_override(earlier) -> the override over `earlier` (the options' override, or None);
     None where attention is reached through forward patches instead (PladisForward).
     """
@@ -103,14 +127,14 @@ class DitEvaluation:
     def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
         diffusion_model = executor.class_obj.diffusion_model
         count = 0
-        if self.text_tokens is not None and c_crossattn is not None:
+        if self.text_tokens is not None:
             try:
                 count = self.text_tokens(diffusion_model, c_crossattn, kwargs)
             except NotImplementedError as unknown:
                 warn_once(f"PLADIS: {unknown}; those evaluations keep plain attention")
-        evaluation = Evaluation(count, transformer_options.get("sigmas"), self.blocks)
         if self.make_override is not None:
             transformer_options = {**transformer_options, OVERRIDE_KEY: self.make_override(transformer_options.get(OVERRIDE_KEY))}
+        evaluation = Evaluation(count, transformer_options.get("sigmas"), self.blocks, transformer_options)
         token = _EVALUATION.set(evaluation)
         try:
             with running(diffusion_model):
@@ -124,8 +148,9 @@ class DitEvaluation:
             return
         if evaluation.unreached:
             warn_once("PLADIS: attention inside patched blocks did not reach PLADIS, so those blocks kept plain attention: "
-                      "a node replaced ComfyUI's attention override inside the model call (a model or diffusion-model wrapper)")
-        if self.layout == JOINT and evaluation.override_calls and not evaluation.tagged_runs:
+                      "the model called it without ComfyUI's attention options, or a node replaced ComfyUI's attention "
+                      "override inside the model call (a model or diffusion-model wrapper)")
+        if self.layout != CROSS and evaluation.override_calls and not evaluation.tagged_runs:
             warn_once("PLADIS: no patched block ran its own forward, so PLADIS did nothing: a node after PLADIS replaced "
                       "the blocks' forward without calling the one it found")
 
@@ -144,20 +169,15 @@ class PladisOverride:
         self.earlier = earlier
 
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
-        options = dict(mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
-        out = _dense(self.earlier, func, q, k, v, heads, options)
+        options = dict(attn_precision=attn_precision, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
         run, evaluation = _patched_call(self.blocks)
-        if run is None or self.settings.is_identity:
-            return out
-        sigmas = (kwargs.get("transformer_options") or {}).get("sigmas", evaluation.sigmas if evaluation else None)
-        active = self.settings.active_rows(sigmas, q.shape[0])
-        if active is not None and not bool(active.any()):
-            return out
-        q, k, v = _heads_first(heads, skip_reshape, q, k, v)
-        method = dict(self.settings.method(), softmax_scale=kwargs.get("scale"))
-        rows, correction = _correction(run.tag.layout, q, k, v, _four_dimensional(mask), active, evaluation, method)
-        if correction is None:
-            return out
+        call = None if run is None or self.settings.is_identity else _Call(run.tag.layout, heads, skip_reshape, q, k, v, mask, evaluation, kwargs)
+        active = None if call is None or call.span is None else self.settings.active_rows(call.sigmas, q.shape[0])
+        if call is None or call.span is None or (active is not None and not bool(active.any())):
+            return _dense(self.earlier, func, q, k, v, heads, dict(options, mask=mask))
+        # A repeated context counts once, in the dense part too (call.mask is the host's where none is).
+        out = _dense(self.earlier, func, q, k, v, heads, dict(options, mask=call.dense_mask(mask, q.dtype)))
+        rows, correction = _correction(call, active, dict(self.settings.method(), softmax_scale=kwargs.get("scale")))
         batch = slice(None) if active is None else active.nonzero().flatten()
         if skip_output_reshape:
             out[batch, :, rows] += correction.to(out.dtype)
@@ -166,19 +186,62 @@ class PladisOverride:
         return out
 
 
-def _correction(layout, q, k, v, mask, active, evaluation, method):
-    """(query rows, the correction for them) or (None, None) when the call has no text to sharpen."""
+class _Call:
+    """One patched attention call: q, k, v heads first, where its text is, each sample's own text."""
+
+    def __init__(self, layout, heads, skip_reshape, q, k, v, mask, evaluation, kwargs):
+        self.layout = layout
+        self.q, self.k, self.v = _heads_first(heads, skip_reshape, q, k, v)
+        options = kwargs.get("transformer_options") or (evaluation.options if evaluation else {})
+        self.sigmas = options.get("sigmas", evaluation.sigmas if evaluation else None)
+        text = evaluation.text_tokens if evaluation else 0
+        self.span = text_span(layout, text, self.q.shape[-2], self.k.shape[-2])
+        keys = self.k.shape[-2]
+        self.keep = None  # (batch, keys) bool where a repeated context must count once
+        if self.span is not None:
+            text_keys = range(keys)[self.span[0]]
+            own = own_text(options, q.shape[0], len(text_keys), q.device)
+            if own is not None:
+                self.keep = torch.ones(q.shape[0], keys, dtype=torch.bool, device=q.device)
+                self.keep[:, self.span[0]] = own
+        self.mask = _with_keys(_four_dimensional(mask), self.keep)
+
+    def dense_mask(self, mask, dtype):
+        """The mask for the dense call: the host's, with the repeats of a context dropped."""
+        if self.keep is None:
+            return mask
+        return _with_keys(_four_dimensional(mask), self.keep, additive=dtype)
+
+
+def _correction(call, active, method):
+    """(query rows, the correction for them)."""
+    q, k, v, mask = call.q, call.k, call.v, call.mask
     if active is not None:
         q, k, v = q[active], k[active], v[active]
         if mask is not None and mask.shape[0] == active.shape[0]:
             mask = mask[active]
-    if layout == CROSS:
-        return slice(None), pladis_residual(q, k, v, mask=mask, **method)
-    found = _joint_layout(evaluation, q.shape[-2], mask)
-    if found is None:
-        return None, None
-    text, image, mask = found
-    return image, joint_residual(q[..., image, :], k, v, text, mask=mask, **method)
+    text, rows = call.span
+    if call.layout == CROSS:
+        return rows, pladis_residual(q, k, v, mask=mask, **method)
+    if mask is not None and mask.shape[-2] == call.q.shape[-2]:
+        mask = mask[..., rows, :]
+    return rows, joint_residual(q[..., rows, :], k, v, text, mask=mask, **method)
+
+
+def _with_keys(mask, keep, additive=None):
+    """mask (None, bool or additive, four-dimensional) with the keys outside keep (batch, keys)
+    dropped; additive=dtype gives an additive mask of that dtype."""
+    if keep is None:
+        return mask
+    keys = keep[:, None, None, :]
+    if additive is None and (mask is None or mask.dtype == torch.bool):
+        return keys if mask is None else mask & keys
+    drop = torch.zeros(keys.shape, dtype=additive or mask.dtype, device=keep.device).masked_fill(~keys, torch.finfo(additive or mask.dtype).min)
+    if mask is None:
+        return drop
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=drop.dtype, device=mask.device).masked_fill(~mask, torch.finfo(drop.dtype).min)
+    return mask.to(drop.dtype) + drop
 
 
 def _patched_call(blocks):
@@ -206,16 +269,13 @@ def _heads_first(heads, skip_reshape, q, k, v):
     return [q] + [t.repeat_interleave(heads // t.shape[1], dim=1) if t.shape[1] != heads else t for t in (k, v)]
 
 
-def _joint_layout(evaluation, tokens, mask):
-    """(text keys, image query rows, the mask of those rows) of a joint sequence, or None
-    where this evaluation has no text to sharpen (text first, then the image tokens)."""
-    text = evaluation.text_tokens if evaluation else 0
-    if not 0 < text < tokens:
-        return None
-    image = slice(text, None)
-    if mask is not None and mask.shape[-2] == tokens:
-        mask = mask[..., image, :]
-    return slice(0, text), image, mask
+def _four_dimensional(mask):
+    """The host's masks come as (queries, keys), (batch, queries, keys) or four-dimensional."""
+    if mask is None or mask.dim() == 4:
+        return mask
+    if mask.dim() == 2:
+        return mask[None, None]
+    return mask[:, None]
 
 
 class CaptureOverride:
@@ -231,64 +291,72 @@ class CaptureOverride:
         run, evaluation = _patched_call(self.blocks)
         if run is not None:
             qh, kh, _ = _heads_first(heads, skip_reshape, q[:1], k[:1], v[:1])
-            first = _four_dimensional(mask)
-            first = first[:1] if first is not None and first.shape[0] == q.shape[0] else first
-            if run.tag.layout == CROSS:
-                self.collector.add(qh, kh, mask=first, softmax_scale=kwargs.get("scale"))
-            elif (layout := _joint_layout(evaluation, qh.shape[-2], first)) is not None:
-                text, image, image_mask = layout
-                self.collector.add(qh[..., image, :], kh, text=text, mask=image_mask, softmax_scale=kwargs.get("scale"))
+            span = text_span(run.tag.layout, evaluation.text_tokens if evaluation else 0, qh.shape[-2], kh.shape[-2])
+            if span is not None:
+                first = _four_dimensional(mask)
+                first = first[:1] if first is not None and first.shape[0] == q.shape[0] else first
+                text, rows = span
+                if first is not None and first.shape[-2] == qh.shape[-2]:
+                    first = first[..., rows, :]
+                text = None if run.tag.layout == CROSS else text
+                self.collector.add(qh[..., rows, :], kh, text=text, mask=first, softmax_scale=kwargs.get("scale"))
         return _dense(self.earlier, func, q, k, v, heads, dict(mask=mask, skip_reshape=skip_reshape, **kwargs))
 
 
 class CaptureForward(ForwardPatch):
-    """Object patch on a PixArt / HunyuanDiT cross-attention forward for the preview: records
-    the token maps from the module's projections, then runs the forward unchanged."""
+    """Object patch on an adapted attention forward for the preview: records the token maps
+    from the module's projections, then runs the forward unchanged."""
 
-    def __init__(self, forward, path, module, adapter, collector):
+    def __init__(self, forward, path, module, adapter, layout, collector):
         super().__init__(forward, path, module)
         self.adapter = adapter
+        self.layout = layout
         self.collector = collector
 
     def __call__(self, *args, **kwargs):
+        evaluation = _EVALUATION.get(None)
         q, k, _, _ = self.adapter(self.module(), *args, **kwargs)
-        self.collector.add(q[:1], k[:1])
+        span = text_span(self.layout, evaluation.text_tokens if evaluation else 0, q.shape[-2], k.shape[-2])
+        if span is not None:
+            text, rows = span
+            self.collector.add(q[:1, :, rows], k[:1], text=None if self.layout == CROSS else text)
         return self.inner(*args, **kwargs)
 
 
-def _four_dimensional(mask):
-    """The host's masks come as (queries, keys), (batch, queries, keys) or four-dimensional."""
-    if mask is None or mask.dim() == 4:
-        return mask
-    if mask.dim() == 2:
-        return mask[None, None]
-    return mask[:, None]
-
-
 class PladisForward(ForwardPatch):
-    """Object patch on the forward of a cross-attention module that calls the host's
-    attention without transformer_options (PixArt, HunyuanDiT).
+    """Object patch on the forward of an attention module that calls the host's attention
+    without transformer_options (PixArt, HunyuanDiT, Ernie Image).
 
     adapter(module, *args, **kwargs) -> (q, k, v, finish): the module's projections as
     (batch, heads, tokens, dim), and finish(attention output) -> the forward's result.
+    dense_attention: the host's attention on such tensors (joint layouts add the correction to it).
     Out of the step range, or outside a sampling run, the wrapped forward runs unchanged.
     """
 
-    def __init__(self, forward, path, module, adapter, settings):
+    def __init__(self, forward, path, module, adapter, layout, settings, dense_attention):
         super().__init__(forward, path, module)
         self.adapter = adapter
+        self.layout = layout
         self.settings = settings
+        self.dense_attention = dense_attention
 
     def __call__(self, *args, **kwargs):
         evaluation = _EVALUATION.get(None)
         if evaluation is None or self.settings.is_identity:
             return self.inner(*args, **kwargs)
         q, k, v, finish = self.adapter(self.module(), *args, **kwargs)
+        span = text_span(self.layout, evaluation.text_tokens, q.shape[-2], k.shape[-2])
         active = self.settings.active_rows(evaluation.sigmas, q.shape[0])
-        if active is not None and not bool(active.any()):
+        if span is None or (active is not None and not bool(active.any())):
             return self.inner(*args, **kwargs)
-        out = pladis_attention(q, k, v, **self.settings.method())
-        if active is not None:  # samples outside the step range get plain attention
-            dense = dict(self.settings.method(), scale=0.0)
-            out[~active] = pladis_attention(q[~active], k[~active], v[~active], **dense)
+        if self.layout == CROSS:
+            out = pladis_attention(q, k, v, **self.settings.method())
+            if active is not None:  # samples outside the step range get plain attention
+                out[~active] = pladis_attention(q[~active], k[~active], v[~active], **dict(self.settings.method(), scale=0.0))
+            return finish(out)
+        out = self.dense_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
+        text, rows = span
+        batch = slice(None) if active is None else active.nonzero().flatten()
+        chosen = (q, k, v) if active is None else (q[active], k[active], v[active])
+        out[batch, :, rows] += joint_residual(chosen[0][..., rows, :], chosen[1], chosen[2], text, **self.settings.method()).to(out.dtype)
         return finish(out)

@@ -8,7 +8,7 @@ is computed plainly. The schedule itself is pladis_core/tgate.py. Nothing here i
 """
 import contextvars
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,14 @@ class Evaluation:
     run: "TgateRun"
     branches: list  # cond_or_uncond of the batch
     index: int  # the evaluation's place within its step
+    calls: dict = field(default_factory=dict)  # module path -> its calls so far in this evaluation
+
+    def occurrence(self, path):
+        """How many times the module at path ran before in this evaluation (VACE runs its
+        blocks once per reference: each run keeps a cache of its own)."""
+        seen = self.calls.get(path, 0)
+        self.calls[path] = seen + 1
+        return seen
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class TgateRun:
         self.step = 0
         self.cross = {}  # ((layer, call index), branch) -> per-sample output after to_out
         self.self_attention = {}  # ((layer, call index), branch) -> per-sample output
+        self.tuples = set()  # layers whose module returns its output in a 1-tuple (HunyuanDiT)
         self._calls = (None, 0)  # (step, model evaluations seen in it)
 
     def next_call(self):
@@ -63,11 +72,14 @@ class TgateRun:
         return self.schedule.after_gate(self.step) and bool(self.cross)
 
     def store(self, cache, layer, out, cond_or_uncond):
+        if isinstance(out, tuple):
+            self.tuples.add(layer)
+            (out,) = out
         for branch, chunk in zip(cond_or_uncond, out.chunk(len(cond_or_uncond))):
             cache[(layer, branch)] = chunk.detach()
 
     def cached(self, cache, layer, x, cond_or_uncond, combine):
-        """The cached output for this call's batch, or None where it does not fit."""
+        """The cached output for this call's batch (as the module returns it), or None where it does not fit."""
         if combine:  # the cross-attention cache: the mean of the branches that ran
             parts = [cache[(layer, b)] for b in (COND, UNCOND) if (layer, b) in cache]
             per_branch = [sum(parts) / len(parts)] * len(cond_or_uncond) if parts else []
@@ -78,7 +90,8 @@ class TgateRun:
         out = torch.cat(per_branch)
         if out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
             return None  # not this run's batch or resolution: compute instead
-        return out.to(device=x.device, dtype=x.dtype)
+        out = out.to(device=x.device, dtype=x.dtype)
+        return (out,) if layer in self.tuples else out
 
 
 def layer_of(transformer_options):
@@ -119,7 +132,8 @@ class CachedForward(ForwardPatch):
         if call is None:
             return self.inner(x, *args, **kwargs)
         run, branches = call.run, call.branches
-        layer = (layer_of(kwargs.get("transformer_options") or {}) or self.path, call.index)
+        named = layer_of(kwargs.get("transformer_options") or {})
+        layer = (named, call.index) if named else (self.path, call.index, call.occurrence(self.path))
         if self.kind == "cross":
             if run.cross_attention_frozen():
                 out = run.cached(run.cross, layer, x, branches, combine=True)
@@ -142,12 +156,15 @@ class CachedForward(ForwardPatch):
         return out
 
 
-def attention_modules(diffusion_model):
-    """(path, module, "cross" | "self") of the attention modules of every block that has a real
-    cross-attention module: UNet attn2/attn1, DiT cross_attn with self_attn (Wan) or attn (PixArt)."""
+def attention_modules(diffusion_model, pairs, lists=()):
+    """(path, module, "cross" | "self") of the attention modules of every block that has one of
+    the (cross attribute, self attribute) pairs, e.g. UNet's ("attn2", "attn1"), within the
+    diffusion model's block `lists` (all of it where none are named)."""
+    roots = [(f"{name}.", getattr(diffusion_model, name)) for name in lists if getattr(diffusion_model, name, None) is not None]
+    blocks = [(prefix + name, block) for prefix, root in roots for name, block in root.named_modules()] if lists else diffusion_model.named_modules()
     found = []
-    for name, block in diffusion_model.named_modules():
-        for cross, self_attention in (("attn2", "attn1"), ("cross_attn", "self_attn"), ("cross_attn", "attn")):
+    for name, block in blocks:
+        for cross, self_attention in pairs:
             if getattr(block, cross, None) is not None and getattr(block, self_attention, None) is not None:
                 found += [(f"{name}.{cross}", getattr(block, cross), "cross"), (f"{name}.{self_attention}", getattr(block, self_attention), "self")]
                 break

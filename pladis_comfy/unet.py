@@ -9,23 +9,20 @@ Around the patches, three host hooks keep PLADIS correct whatever else runs:
   downstream never reaches the model it came from.
 - UnetEvaluation (APPLY_MODEL): a later node that put its own replacement on a patched
   layer (or on its whole block) is served under PLADIS for that evaluation, not dropped.
-- record_context_lengths (CALC_COND_BATCH): when the host batches conds whose contexts
+- conds.ContextLengths (CALC_COND_BATCH): when the host batches conds whose contexts
   differ in length, it repeats the shorter ones to a common length. Softmax cannot tell;
-  entmax can. The patch then keeps each sample's own context once (own_context_mask).
+  entmax can. The patch then keeps each sample's own context once (conds.own_text).
 
 Nothing here imports ComfyUI: the host's dense attention is passed in.
 """
 import contextvars
 
-import torch
 
 from ..pladis_core.attention import merge_heads, pladis_attention, pladis_residual, split_heads
-from ..pladis_core.logs import warn_once
 from ..pladis_core.settings import PladisSettings
+from .conds import own_text
 
 UNET_STAGES = ("input", "middle", "output")
-# transformer_options key: {(conds list, cond uuid): its context length}, where the lengths of one call differ.
-CONTEXT_LENGTHS_KEY = "pladis_context_lengths"
 # The sigma that ComfyUI's Attn2Replace assumes when called outside a sampler.
 _NO_SIGMA = 999999999.9
 
@@ -70,7 +67,8 @@ class PladisAttn2:
             return self._run_callbacks(self._base(q, k, v, extra_options)[0], q, k, v, extra_options).to(q.dtype)
         heads = extra_options["n_heads"]
         active = self.settings.active_rows(extra_options.get("sigmas"), q.shape[0])
-        mask = own_context_mask(extra_options, q.shape[0], k.shape[1], q.device)
+        own = own_text(extra_options, q.shape[0], k.shape[1], q.device)
+        mask = None if own is None else own[:, None, None, :]
         if self.inner is None and active is None:
             out = merge_heads(pladis_attention(*split_heads(heads, q, k, v), mask=mask, **self.settings.method()))
         else:
@@ -127,43 +125,6 @@ class PladisAttn2:
         return self.copy()  # ComfyUI 0.3.75 deep-copies model_options on clone: keep that cheap
 
 
-def own_context_mask(extra_options, batch, keys, device):
-    """(batch, 1, 1, keys) boolean mask that keeps each sample's own context once, where the
-    host repeated shorter contexts to batch them with longer ones; None where no sample's was.
-
-    The rows of a call are its conds in order, each as many rows, and a cond is named by its
-    list (extra_options["cond_or_uncond"]) and uuid: the opposite cond the host makes for an
-    area cond is a copy that keeps the uuid.
-    """
-    lengths = extra_options.get(CONTEXT_LENGTHS_KEY)
-    conds = list(zip(extra_options.get("cond_or_uncond", ()), extra_options.get("uuids", ())))
-    if not lengths or not conds or batch % len(conds):
-        return None
-    own = [lengths.get(cond, keys) for cond in conds]
-    if all(length == keys for length in own):
-        return None
-    if any(keys % length for length in own):
-        warn_once("PLADIS: a cross-attention call had keys that are not the conds' contexts repeated "
-                  "(another node added tokens); each sample's entmax there spans every key")
-        return None
-    per_row = torch.tensor(own, device=device).repeat_interleave(batch // len(conds))
-    return (torch.arange(keys, device=device) < per_row[:, None])[:, None, None, :]
-
-
-def record_context_lengths(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: tells the patches each cond's own context length when they
-    differ, so that a context the host repeated counts once."""
-    lengths = {
-        (index, cond["uuid"]): cond["model_conds"]["c_crossattn"].cond.shape[1]
-        for index, group in enumerate(conds) if group
-        for cond in group if "uuid" in cond and "c_crossattn" in cond.get("model_conds", {})
-    }
-    if len(set(lengths.values())) > 1:
-        transformer_options = {**model_options.get("transformer_options", {}), CONTEXT_LENGTHS_KEY: lengths}
-        model_options = {**model_options, "transformer_options": transformer_options}
-    return executor(model, conds, x_in, timestep, model_options)
-
-
 def copy_on_clone(original, clone):
     """ON_CLONE callback: the clone's own copy of every PladisAttn2 it shares with the original."""
     find = lambda patcher: patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})  # noqa: E731
@@ -208,12 +169,6 @@ class UnetEvaluation:
             elif found is not None or (block_wide is not None and not isinstance(block_wide, PladisAttn2)):
                 changed[long_key] = PladisAttn2(self.settings, self.dense_attention, found or block_wide)
         return {**attn2, **changed} if changed else None
-
-
-def is_unet(diffusion_model):
-    return all(hasattr(diffusion_model, f"{stage}_blocks") for stage in ("input", "output")) and hasattr(
-        diffusion_model, "middle_block"
-    )
 
 
 def cross_attention_blocks(diffusion_model):

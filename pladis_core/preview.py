@@ -55,6 +55,8 @@ class MapCollector:
     def add(self, q, k, grid=None, text=None, mask=None, softmax_scale=None):
         """Records one layer: q holds the image queries first (a DiT's reference tokens after them are left out)."""
         frames, height, width = grid or self.grid
+        if frames * height * width > q.shape[-2]:  # a coarser level of the image (Stable Cascade's down blocks)
+            frames, height, width = coarser_grid(q.shape[-2], frames, height, width)
         maps = token_maps(q[..., : frames * height * width, :], k, self.token, self.scale, self.alpha, text, mask, softmax_scale)
         self.layers.append(maps[:, 0].reshape(3, frames, height, width).mean(1))  # the first sample, frames averaged
 
@@ -68,3 +70,12 @@ class MapCollector:
             raise RuntimeError("no cross-attention layer ran during the preview's model evaluation")
         resized = [F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0] for maps in self.layers]
         return torch.stack(resized).mean(0)
+
+
+def coarser_grid(tokens, frames, height, width):
+    """The (frames, height, width) grid of `tokens` image tokens with the aspect of a finer grid."""
+    per_frame = tokens // frames
+    rows = max(1, round(height * (per_frame / (height * width)) ** 0.5))
+    while per_frame % rows:
+        rows -= 1
+    return frames, rows, per_frame // rows

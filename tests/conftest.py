@@ -21,3 +21,18 @@ def host():
         return loaded()
     except RuntimeError as missing:
         pytest.fail(str(missing))
+
+
+@pytest.fixture(scope="session")
+def dit_models(host):
+    """get(kind): the small model of a kind (tests/host_dits.py), built once per session."""
+    from host_dits import build_dit
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = build_dit(kind, seed=3)
+        return cache[kind]
+
+    return get

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from host_dits import build_dit, dit_conditioning, latent_shape
+from host_dits import build_dit, dit_conditioning, latent_shape, on_this_host
 from host_models import build_unet, conditioning
 from pladis_core.preview import token_maps
 from reference import entmax_ref, logits_ref
@@ -48,7 +48,9 @@ CASES = {
     "sd15": lambda: (build_unet("sd15"), conditioning("sd15", 1), torch.zeros(1, 4, 8, 8)),
     "sdxl": lambda: (build_unet("sdxl"), conditioning("sdxl", 1), torch.zeros(1, 4, 8, 8)),
     **{kind: (lambda kind=kind: (build_dit(kind), dit_conditioning(kind, 1), torch.zeros(latent_shape(kind))))
-       for kind in ("flux", "sd3", "qwen_image", "lumina2", "wan", "wan_i2v", "pixart", "hunyuan_dit")},
+       for kind in ("flux", "sd3", "qwen_image", "lumina2", "wan", "wan_i2v", "pixart", "hunyuan_dit",
+                    # text last, text after the image keys, joint attention without the host's options, video cross-attention
+                    "hidream", "hunyuan_video", "mochi", "cascade_c", "ernie", "ltxv", "kandinsky5") if on_this_host(kind)},
 }
 
 
@@ -68,7 +70,8 @@ def test_preview_grid_on_every_kind_of_model(preview, kind):
     with torch.inference_mode():
         image = preview(model, positive, {"samples": samples}, token_index=3, step_percent=0.4)
         plain = preview(model, positive, {"samples": samples}, token_index=3, step_percent=0.4, scale=0.0)
-    height, width = samples.shape[-2] * 8, samples.shape[-1] * 8
+    ratio = getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8)
+    height, width = samples.shape[-2] * ratio, samples.shape[-1] * ratio
     assert image.shape == (1, LABEL + height, 3 * width + 2 * GAP, 3) and image.dtype == torch.float32
     dense, sparse, pladis = panels(image)
     assert not torch.equal(dense, sparse) and not torch.equal(dense, pladis) and not torch.equal(sparse, pladis)

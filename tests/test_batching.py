@@ -8,7 +8,7 @@ does not. The host may also evaluate cond and uncond in separate calls (low memo
 import pytest
 import torch
 
-from host_dits import build_dit, dit_conditioning, sample_dit
+from host_dits import build_dit, dit_conditioning, on_this_host, sample_dit
 from host_models import build_unet, conditioning, sample
 from reference import pladis_ref_projected
 from test_apply_pladis import recorded
@@ -93,7 +93,7 @@ def test_without_the_lengths_the_repeat_would_change_the_image(unets, apply, mon
     unet = host.pack_module("pladis_comfy.unet")
     patched = apply(unets["sd15"])
     batched = run(patched, "sd15", "long prompt, short negative", steps=3)
-    monkeypatch.setattr(unet, "own_context_mask", lambda *args: None)
+    monkeypatch.setattr(unet, "own_text", lambda *args: None)
     unaware = run(patched, "sd15", "long prompt, short negative", steps=3)
     assert (batched - unaware).norm() > 1e-3 * batched.norm()
 
@@ -111,3 +111,20 @@ def test_transformers_are_never_batched_across_context_lengths(host, one_at_a_ti
     one_at_a_time(patched)
     alone = sample_dit(patched, kind, steps=2, positive=positive, negative=negative)
     assert (batched - alone).norm() < 1e-5 * batched.norm()
+
+
+@pytest.mark.parametrize("kind", ["cogvideox", "cascade_c"])
+def test_joint_attention_counts_a_repeated_text_once(host, one_at_a_time, kind):
+    """CogVideoX's and Stable Cascade's text is repeated by the host to batch prompts of different
+    lengths, and in joint attention the repeats would also take attention from the image keys."""
+    if not on_this_host(kind):
+        return  # CogVideoX: newer ComfyUI only
+    patched = host.node("PladisFluxPatch").execute(build_dit(kind, seed=4)).result[0]
+    (context, extras), = dit_conditioning(kind, 1)
+    (other, other_extras), = dit_conditioning(kind, 2)
+    half = context.shape[1] // 2 if kind == "cogvideox" else context.shape[1]  # CogVideoX's text table ends at its 24 tokens
+    positive, negative = [[context, extras]], [[torch.cat([other, other], 1)[:, : 2 * half] if kind == "cascade_c" else other[:, :half], other_extras]]
+    batched = sample_dit(patched, kind, steps=2, positive=positive, negative=negative)
+    one_at_a_time(patched)
+    alone = sample_dit(patched, kind, steps=2, positive=positive, negative=negative)
+    assert (batched - alone).norm() < 1e-4 * batched.norm()

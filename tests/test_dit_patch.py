@@ -5,7 +5,7 @@ from host import loaded
 from reference import joint_pladis_ref, pladis_ref
 
 dit, logs = loaded().pack_module("pladis_comfy.dit"), loaded().pack_module("pladis_core.logs")
-CROSS, JOINT, OVERRIDE_KEY = dit.CROSS, dit.JOINT, dit.OVERRIDE_KEY
+CROSS, JOINT, OVERRIDE_KEY = dit.CROSS, dit.TEXT_FIRST, dit.OVERRIDE_KEY
 BlockTag, DitEvaluation, PladisForward, PladisOverride = dit.BlockTag, dit.DitEvaluation, dit.PladisForward, dit.PladisOverride
 PladisSettings = loaded().pack_module("pladis_core.settings").PladisSettings
 
@@ -203,7 +203,7 @@ def test_forward_replacement_falls_back_outside_a_run_and_out_of_range():
         assert module is model.attn
         return q, k, v, lambda out: out * 1.0
 
-    patch = PladisForward(model.attn.forward, "attn", model.attn, adapter, PladisSettings(2.0, 1.5, sigma_start=5.0))
+    patch = PladisForward(model.attn.forward, "attn", model.attn, adapter, CROSS, PladisSettings(2.0, 1.5, sigma_start=5.0), dense)
     assert patch(None) == "original"  # no evaluation: not in a sampling run
     results = []
     wrapper = DitEvaluation(CROSS, {KEY})

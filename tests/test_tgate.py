@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from host_dits import build_dit, sample_dit
+from host_dits import build_dit, dit_conditioning, on_this_host, sample_dit
 from host_models import build_unet, conditioning, sample
 from reference import pladis_ref_projected
 
@@ -336,14 +336,17 @@ def test_bad_inputs_are_refused(models, nodes, settings, message):
         nodes[0](models["sd15"], **settings)
 
 
-def test_joint_attention_models_are_refused(nodes):
-    with pytest.raises(ValueError, match=r"Apply TGATE works on models with cross-attention.*this model is Flux.*cannot cache"):
+def test_joint_attention_models_are_refused_with_the_reason(nodes):
+    message = r"Apply TGATE works on SD1\.x.*; this model is Flux\. TGATE does not apply to Flux .*: text and image share one joint attention"
+    with pytest.raises(ValueError, match=message):
         nodes[0](build_dit("flux"))
 
 
-def test_hunyuan_dit_is_refused_rather_than_failing_mid_run(nodes):
-    with pytest.raises(ValueError, match=r"this model is HunyuanDiT, which it does not cache yet"):
-        nodes[0](build_dit("hunyuan_dit"))
+def test_wan_causal_ar_is_refused_with_the_reason(nodes):
+    """Its ar_video sampler runs the blocks without transformer_options and keeps its own key cache."""
+    if on_this_host("wan_causal"):
+        with pytest.raises(ValueError, match=r"this model is WAN21_CausalAR\. TGATE does not apply to Wan CausalAR: its ar_video sampler"):
+            nodes[0](build_dit("wan_causal"))
 
 
 def test_schema(host):
@@ -356,30 +359,68 @@ def test_schema(host):
     assert inputs["after_gate"].options == ["uncond", "cond"] and inputs["after_gate"].default == "uncond"
 
 
-@pytest.mark.parametrize("kind", ["pixart", "wan"])
-def test_cross_attention_dits_freeze_to_the_mean_of_the_gate_step(host, nodes, kind):
-    """PixArt and Wan: their cross_attn modules (PixArt's take no transformer_options)."""
+# The text cross-attention module of each transformer with one, by its attribute in a block.
+CROSS_ATTENTION = {"pixart": "cross_attn", "wan": "cross_attn", "wan_vace": "cross_attn", "hunyuan_dit": "attn2", "ltxv": "attn2", "ltxav": "attn2",
+                   "cosmos_predict2": "cross_attn", "anima": "cross_attn", "kandinsky5": "cross_attention"}
+# Where their blocks are (Anima's text adapter has cross-attention too, run once per prompt outside sampling).
+BLOCK_LISTS = {"wan_vace": ("blocks", "vace_blocks"), "ltxv": ("transformer_blocks",), "ltxav": ("transformer_blocks",),
+               "kandinsky5": ("visual_transformer_blocks",)}
+
+
+@pytest.mark.parametrize("kind", [kind for kind in CROSS_ATTENTION if on_this_host(kind)])
+def test_cross_attention_transformers_freeze_to_the_mean_of_the_gate_step(host, nodes, kind):
+    """Their cross-attention modules (PixArt's and HunyuanDiT's take no transformer_options; HunyuanDiT's
+    return their output in a 1-tuple; Wan VACE has cross-attention in its control blocks too)."""
     tgate, _ = nodes
     model = build_dit(kind, seed=2)
     diffusion_model = model.model.diffusion_model
+    attribute = CROSS_ATTENTION[kind]
     outputs, projections = [], [0]
-    blocks = [block for block in diffusion_model.modules() if hasattr(block, "cross_attn")]
-    handles = [block.cross_attn.register_forward_hook(lambda m, a, out, n=n: outputs.append((n, out.clone()))) for n, block in enumerate(blocks)]
+    lists = [getattr(diffusion_model, name) for name in BLOCK_LISTS.get(kind, ("blocks",))]
+    modules = [getattr(block, attribute) for blocks in lists for block in blocks.modules() if getattr(block, attribute, None) is not None]
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    handles = [module.register_forward_hook(lambda m, a, out, n=n: outputs.append((n, first(out).clone()))) for n, module in enumerate(modules)]
     first_linear = lambda module: next(m for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
-    handles += [first_linear(block.cross_attn).register_forward_hook(lambda *a: projections.__setitem__(0, projections[0] + 1)) for block in blocks]
+    handles += [first_linear(module).register_forward_hook(lambda *a: projections.__setitem__(0, projections[0] + 1)) for module in modules]
     try:
         result = sample_dit(tgate(model, gate_step=2, sp_interval=1), kind, steps=4, cfg=5.0)
     finally:
         for handle in handles:
             handle.remove()
-    layers = len(blocks)
-    assert len(outputs) == 4 * layers and projections[0] == 2 * layers  # computed in steps 0 and 1 only
-    at_gate = {n: out for n, out in outputs[layers : 2 * layers]}  # step 1: cond and uncond batched
-    for n, out in outputs[2 * layers :]:
-        assert out.shape[0] == 1  # one branch after the gate
-        assert torch.allclose(out[0], at_gate[n].mean(0), atol=1e-6)
+    calls = len(outputs) // 4  # module runs per step
+    assert calls > 0 and len(outputs) == 4 * calls and projections[0] == 2 * calls  # computed in steps 0 and 1 only
+    at_gate = outputs[calls : 2 * calls]  # step 1: cond and uncond batched
+    for i, (n, out) in enumerate(outputs[2 * calls :]):
+        gate_n, gate_out = at_gate[i % calls]
+        assert out.shape[0] == 1 and n == gate_n  # one branch after the gate, the same module in the same order
+        assert torch.allclose(out[0], gate_out.mean(0), atol=1e-6)
     assert torch.equal(sample_dit(tgate(model, gate_step=4, sp_interval=1), kind, steps=4, cfg=5.0), sample_dit(model, kind, steps=4, cfg=5.0))
     assert not torch.allclose(result, sample_dit(model, kind, steps=4, cfg=5.0))
+
+
+def test_each_run_of_a_module_in_an_evaluation_keeps_its_own_cache(host, nodes):
+    """Wan VACE runs its control blocks once per reference video in each evaluation: after the gate
+    each run gets back its own cross-attention, not the other reference's."""
+    tgate, _ = nodes
+    model = build_dit("wan_vace", seed=2)
+    vace = model.model.diffusion_model.vace_blocks[0].cross_attn
+    outputs = []
+    handle = vace.register_forward_hook(lambda m, a, out: outputs.append(out.clone()))
+    gen = torch.Generator().manual_seed(3)
+    references = {"vace_frames": [torch.randn(1, 32, 2, 8, 8, generator=gen) for _ in range(2)],
+                  "vace_mask": [torch.ones(1, 64, 2, 8, 8)] * 2, "vace_strength": [1.0, 0.5]}
+    # As WanVaceToVideo sets them: on both prompts, which the host then batches.
+    prompt, negative = ([[context, {**extras, **references}]] for (context, extras), in (dit_conditioning("wan_vace", s) for s in (1, 2)))
+    try:
+        sample_dit(tgate(model, gate_step=2, sp_interval=1), "wan_vace", steps=4, cfg=5.0, positive=prompt, negative=negative)
+    finally:
+        handle.remove()
+    steps = [outputs[2 * i : 2 * i + 2] for i in range(4)]  # two references a step
+    assert len(outputs) == 8
+    first_at_gate, second_at_gate = (out.mean(0) for out in steps[1])
+    assert not torch.allclose(first_at_gate, second_at_gate)
+    for first, second in steps[2:]:
+        assert torch.allclose(first[0], first_at_gate, atol=1e-6) and torch.allclose(second[0], second_at_gate, atol=1e-6)
 
 
 def test_tiled_sampling_keeps_one_cache_per_tile(models, nodes):

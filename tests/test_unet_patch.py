@@ -7,7 +7,8 @@ from host import loaded
 from reference import pladis_ref_projected
 
 unet = loaded().pack_module("pladis_comfy.unet")
-CONTEXT_LENGTHS_KEY, PladisAttn2, PladisSettings = unet.CONTEXT_LENGTHS_KEY, unet.PladisAttn2, unet.PladisSettings
+PladisAttn2, PladisSettings = unet.PladisAttn2, unet.PladisSettings
+CONTEXT_LENGTHS_KEY = loaded().pack_module("pladis_comfy.conds").LENGTHS_KEY
 UnetEvaluation, copy_on_clone = unet.UnetEvaluation, unet.copy_on_clone
 
 HEADS = 4
