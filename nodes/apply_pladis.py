@@ -8,7 +8,8 @@ from ..pladis_comfy.register import patch_dit, patch_unet
 from ..pladis_comfy.unet import UNET_STAGES, cross_attention_blocks
 from ..pladis_core.settings import PladisSettings
 from .common import (
-    check_pladis_inputs, describe_blocks, model_type_name, percent_range_to_sigmas, pladis_inputs, select_indexes, unsupported_model_error,
+    check_pladis_inputs, describe_blocks, model_type_name, patch_category, percent_range_to_sigmas, pladis_inputs, schema_extras,
+    select_indexes, unsupported_model_error,
 )
 from .selection import describe_range, parse_stage_blocks
 
@@ -21,7 +22,7 @@ class ApplyPLADIS(io.ComfyNode):
         return io.Schema(
             node_id="ApplyPLADIS",
             display_name=NODE,
-            category="model_patches/unet",
+            category=patch_category(),
             description="PLADIS (arXiv 2503.07677): extrapolates cross-attention from softmax towards "
             "sparse alpha-entmax for better prompt following, at no extra model evaluations.",
             inputs=[
@@ -40,6 +41,7 @@ class ApplyPLADIS(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
+            **schema_extras(["pladis", "entmax", "sparse attention", "prompt following", "attention sharpening", "cross attention"]),
         )
 
     @classmethod
@@ -63,14 +65,16 @@ class ApplyPLADIS(io.ComfyNode):
 
         m = model.clone()
         if architecture.layout == UNET:
-            count, reverted = patch_unet(m, chosen, settings)
+            layers = sum(chosen.values())
+            what = f"{NODE} ({effect}, {steps}) on {layers} cross-attention layers of {model_type_name(model)}"
+            count, reverted = patch_unet(m, chosen, settings, what)
             earlier = f"; {reverted} layers an earlier Apply PLADIS patched are plain again" if reverted else ""
             logging.info(
                 f"{NODE}: patched {count} cross-attention layers in {describe_blocks(chosen)} of {model_type_name(model)}: "
                 f"{effect}, {steps}{earlier}"
             )
             return io.NodeOutput(m)
-        patch_dit(m, architecture, chosen, settings)
+        patch_dit(m, architecture, chosen, settings, f"{NODE} ({effect}, {steps}) on {len(chosen)} blocks of {model_type_name(model)}")
         patched = ", ".join(f"{sum(k == kind for k, _ in chosen)} of {n} {kind}" for kind, n in counts.items() if n)
         ignored = "; include_middle means nothing on a transformer and was ignored" if include_middle else ""
         logging.info(f"{NODE}: patched the text cross-attention of {patched} blocks of {model_type_name(model)}: {effect}, {steps}{ignored}")

@@ -7,7 +7,7 @@ from ..pladis_comfy.architectures import APPLY_TGATE, find_architecture, support
 from ..pladis_comfy.register import patch_tgate
 from ..pladis_comfy.tgate import TgateSettings
 from ..pladis_core.tgate import TgateSchedule
-from .common import model_type_name, unsupported_model_error
+from .common import model_type_name, patch_category, schema_extras, unsupported_model_error
 
 NODE = APPLY_TGATE
 MINIMA = {"gate_step": 1, "sp_interval": 1, "fi_interval": 1, "warm_up": 0}
@@ -20,7 +20,7 @@ class ApplyTGATE(io.ComfyNode):
         return io.Schema(
             node_id="ApplyTGATE",
             display_name=NODE,
-            category="model_patches/unet",
+            category=patch_category(),
             description="TGATE (arXiv 2404.02747): after gate_step, cross-attention is frozen to its cached output "
             "and CFG runs one branch only, for about 1.6x faster sampling.",
             inputs=[
@@ -49,6 +49,7 @@ class ApplyTGATE(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
+            **schema_extras(["tgate", "t-gate", "speed up", "faster sampling", "cross attention cache", "drop cfg"]),
         )
 
     @classmethod

@@ -12,7 +12,7 @@ from ..pladis_comfy.preview import CaptureAttn2
 from ..pladis_comfy.register import capture_dit, remove_unet_hooks
 from ..pladis_comfy.unet import cross_attention_blocks
 from ..pladis_core.preview import MapCollector
-from .common import RANGES, check_pladis_inputs, unsupported_model_error
+from .common import RANGES, check_pladis_inputs, patch_category, schema_extras, unsupported_model_error
 
 NODE = "PLADIS Attention Preview"
 LABEL_HEIGHT, GAP = 20, 4
@@ -24,7 +24,7 @@ class PladisAttentionPreview(io.ComfyNode):
         return io.Schema(
             node_id="PladisAttentionPreview",
             display_name=NODE,
-            category="model_patches/unet",
+            category=patch_category(),
             description="Runs one model evaluation and shows where a text token attends over the image: "
             "the dense softmax map, the alpha-entmax map and the PLADIS map, averaged over heads and layers.",
             inputs=[
@@ -41,6 +41,7 @@ class PladisAttentionPreview(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise of the evaluated latent."),
             ],
             outputs=[io.Image.Output(display_name="IMAGE")],
+            **schema_extras(["pladis", "attention map", "token map", "entmax", "visualize attention"]),
         )
 
     @classmethod

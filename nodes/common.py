@@ -7,6 +7,21 @@ from ..pladis_comfy.architectures import APPLY_TGATE, FLUX_PATCH, find_architect
 RANGES = {"scale": (-5.0, 10.0), "alpha": (1.0, 2.0), "start_percent": (0.0, 1.0), "end_percent": (0.0, 1.0)}
 
 
+def patch_category():
+    """Where the host puts its own model patch nodes ("model/patch/unet" in newer ComfyUI,
+    "model_patches/unet" in 0.3.75): the pack's nodes sit beside them."""
+    try:
+        from comfy_extras.nodes_eps import EpsilonScaling
+    except ImportError:  # a ComfyUI without that node: the newest convention
+        return "model/patch/unet"
+    return EpsilonScaling.define_schema().category
+
+
+def schema_extras(search_aliases):
+    """Schema fields the running host knows beyond 0.3.75's (its node search finds a node by these words)."""
+    return {"search_aliases": search_aliases} if "search_aliases" in io.Schema.__dataclass_fields__ else {}
+
+
 def pladis_inputs():
     """scale, alpha, start_percent and end_percent: the same in every PLADIS node."""
     return [

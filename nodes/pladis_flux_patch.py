@@ -6,7 +6,10 @@ from comfy_api.latest import io
 from ..pladis_comfy.architectures import FLUX_PATCH, attention_blocks, find_architecture, supported, with_blocks
 from ..pladis_comfy.register import patch_dit
 from ..pladis_core.settings import PladisSettings
-from .common import check_pladis_inputs, model_type_name, percent_range_to_sigmas, pladis_inputs, select_indexes, unsupported_model_error
+from .common import (
+    check_pladis_inputs, model_type_name, patch_category, percent_range_to_sigmas, pladis_inputs, schema_extras, select_indexes,
+    unsupported_model_error,
+)
 
 NODE = FLUX_PATCH
 
@@ -18,7 +21,7 @@ class PladisFluxPatch(io.ComfyNode):
         return io.Schema(
             node_id="PladisFluxPatch",
             display_name=NODE,
-            category="model_patches/unet",
+            category=patch_category(),
             description="PLADIS (arXiv 2503.07677) for joint attention: in every image token's attention, the text keys "
             "are sharpened from softmax towards alpha-entmax, keeping their share of the attention; no extra model evaluations.",
             inputs=[
@@ -34,6 +37,7 @@ class PladisFluxPatch(io.ComfyNode):
                 ),
             ],
             outputs=[io.Model.Output(display_name="MODEL")],
+            **schema_extras(["pladis", "flux", "joint attention", "entmax", "prompt following", "mmdit"]),
         )
 
     @classmethod
@@ -52,9 +56,10 @@ class PladisFluxPatch(io.ComfyNode):
         sigma_start, sigma_end = percent_range_to_sigmas(model, start_percent, end_percent)
         settings = PladisSettings(float(scale), float(alpha), sigma_start, sigma_end)
 
-        m = model.clone()
-        patch_dit(m, architecture, chosen, settings)
         effect = "no change (scale 0 or alpha 1 is plain attention)" if settings.is_identity else f"scale {scale}, alpha {alpha}"
+        steps = f"steps {start_percent:.0%}-{end_percent:.0%}"
+        m = model.clone()
+        patch_dit(m, architecture, chosen, settings, f"{NODE} ({effect}, {steps}) on {len(chosen)} blocks of {model_type_name(model)}")
         patched = ", ".join(f"{sum(k == kind for k, _ in chosen)} of {n} {kind}" for kind, n in counts.items())
-        logging.info(f"{NODE}: {model_type_name(model)}, joint attention patched in {patched} blocks: {effect}, steps {start_percent:.0%}-{end_percent:.0%}")
+        logging.info(f"{NODE}: {model_type_name(model)}, joint attention patched in {patched} blocks: {effect}, {steps}")
         return io.NodeOutput(m)

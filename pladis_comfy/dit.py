@@ -29,6 +29,7 @@ from ..pladis_core.attention import joint_residual, merge_heads, pladis_attentio
 from ..pladis_core.logs import warn_once
 from .conds import own_text
 from .patching import ForwardPatch, running
+from .summary import evaluated
 
 CROSS, TEXT_FIRST, TEXT_LAST, TEXT_AFTER_QUERIES = "cross", "text first", "text last", "text after the queries"
 # The host's transformer_options key for an attention override.
@@ -48,6 +49,7 @@ class Evaluation:
         self.tagged_runs = 0  # runs of tagged block forwards
         self.override_calls = 0  # attention calls that reached the override
         self.unreached = False  # a chosen block ran without any attention call reaching the override
+        self.acted = False  # PLADIS changed an attention call
 
 
 def text_span(layout, text, queries, keys):
@@ -142,6 +144,7 @@ class DitEvaluation:
         finally:
             _EVALUATION.reset(token)
             self._report(evaluation)
+            evaluated(evaluation.sigmas, evaluation.acted)
 
     def _report(self, evaluation):
         if self.make_override is None:
@@ -178,6 +181,8 @@ class PladisOverride:
         # A repeated context counts once, in the dense part too (call.mask is the host's where none is).
         out = _dense(self.earlier, func, q, k, v, heads, dict(options, mask=call.dense_mask(mask, q.dtype)))
         rows, correction = _correction(call, active, dict(self.settings.method(), softmax_scale=kwargs.get("scale")))
+        if evaluation is not None:
+            evaluation.acted = True
         batch = slice(None) if active is None else active.nonzero().flatten()
         if skip_output_reshape:
             out[batch, :, rows] += correction.to(out.dtype)
@@ -349,6 +354,7 @@ class PladisForward(ForwardPatch):
         active = self.settings.active_rows(evaluation.sigmas, q.shape[0])
         if span is None or (active is not None and not bool(active.any())):
             return self.inner(*args, **kwargs)
+        evaluation.acted = True
         if self.layout == CROSS:
             out = pladis_attention(q, k, v, **self.settings.method())
             if active is not None:  # samples outside the step range get plain attention

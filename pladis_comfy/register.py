@@ -7,10 +7,11 @@ from . import tgate
 from .conds import ContextLengths
 from .dit import BlockTag, CaptureForward, CaptureOverride, DitEvaluation, PladisForward, PladisOverride
 from .patching import foreign
+from .summary import run_summary
 from .unet import UnetEvaluation, copy_on_clone, register_attn2_patches
 
 WRAPPERS, CALLBACKS = comfy.patcher_extension.WrappersMP, comfy.patcher_extension.CallbacksMP
-DIT_KEY, UNET_KEY = "pladis_dit", "pladis_unet"
+DIT_KEY, UNET_KEY, SUMMARY_KEY = "pladis_dit", "pladis_unet", "pladis_summary"
 TGATE_WRAPPERS = {
     WRAPPERS.OUTER_SAMPLE: tgate.outer_sample_wrapper,
     WRAPPERS.CALC_COND_BATCH: tgate.calc_cond_batch_wrapper,
@@ -18,10 +19,11 @@ TGATE_WRAPPERS = {
 }
 
 
-def patch_unet(model, blocks, settings):
+def patch_unet(model, blocks, settings, what):
     """PLADIS on a UNet's chosen {(stage, number): depth} blocks; returns (layers patched, layers
-    an earlier Apply PLADIS patched that are plain again)."""
+    an earlier Apply PLADIS patched that are plain again). what: the run summary's words."""
     counts = register_attn2_patches(model, blocks, settings, optimized_attention)
+    _set_wrapper(model, WRAPPERS.OUTER_SAMPLE, SUMMARY_KEY, run_summary(what))
     layers = [(stage, number, index) for (stage, number), depth in blocks.items() for index in range(depth)]
     _set_wrapper(model, WRAPPERS.APPLY_MODEL, UNET_KEY, UnetEvaluation(layers, settings, optimized_attention))
     _set_wrapper(model, WRAPPERS.CALC_COND_BATCH, UNET_KEY, ContextLengths())
@@ -31,17 +33,19 @@ def patch_unet(model, blocks, settings):
 
 
 def remove_unet_hooks(model):
-    """Take Apply PLADIS's evaluation hook off a cloned ModelPatcher (the preview measures plain attention)."""
+    """Take Apply PLADIS's evaluation hook and summary off a cloned ModelPatcher (the preview measures plain attention)."""
     model.remove_wrappers_with_key(WRAPPERS.APPLY_MODEL, UNET_KEY)
+    model.remove_wrappers_with_key(WRAPPERS.OUTER_SAMPLE, SUMMARY_KEY)
 
 
-def patch_dit(model, architecture, chosen, settings):
-    """PLADIS on a transformer's chosen (kind, index) blocks.
+def patch_dit(model, architecture, chosen, settings, what):
+    """PLADIS on a transformer's chosen (kind, index) blocks (what: the run summary's words).
 
     An earlier PLADIS on this model is replaced (the later node's settings are the whole
     truth); a TGATE cache wrapper stays outermost; another node's override, installed before
     or after, serves the dense attention (DitEvaluation).
     """
+    _set_wrapper(model, WRAPPERS.OUTER_SAMPLE, SUMMARY_KEY, run_summary(what))
     layout = architecture.layout_of(model.get_model_object("diffusion_model"))
     register_dit(
         model, architecture, chosen,
@@ -53,6 +57,7 @@ def patch_dit(model, architecture, chosen, settings):
 
 def capture_dit(model, architecture, collector, every):
     """The preview's recorders on every block of a transformer (PLADIS taken off)."""
+    model.remove_wrappers_with_key(WRAPPERS.OUTER_SAMPLE, SUMMARY_KEY)
     layout = architecture.layout_of(model.get_model_object("diffusion_model"))
     register_dit(
         model, architecture, every,

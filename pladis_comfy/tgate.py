@@ -8,11 +8,14 @@ is computed plainly. The schedule itself is pladis_core/tgate.py. Nothing here i
 """
 import contextvars
 import logging
+import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..pladis_core.tgate import TgateSchedule, step_of
+from ..pladis_core.steps import step_of
+from ..pladis_core.tgate import TgateSchedule
 from .patching import ForwardPatch, running
 
 SETTINGS_KEY = "pladis_tgate"  # transformer_options: the node's TgateSettings
@@ -50,6 +53,7 @@ class TgateRun:
 
     def __init__(self, settings):
         self.schedule = settings.schedule
+        self.after_gate = settings.after_gate
         self.branch = UNCOND if settings.after_gate == "uncond" else COND
         self.reset()
 
@@ -58,6 +62,7 @@ class TgateRun:
         self.cross = {}  # ((layer, call index), branch) -> per-sample output after to_out
         self.self_attention = {}  # ((layer, call index), branch) -> per-sample output
         self.tuples = set()  # layers whose module returns its output in a 1-tuple (HunyuanDiT)
+        self.started = {}  # step -> when its first evaluation began (time.perf_counter)
         self._calls = (None, 0)  # (step, model evaluations seen in it)
 
     def next_call(self):
@@ -174,9 +179,26 @@ def attention_modules(diffusion_model, pairs, lists=()):
 # Host hooks (WrappersMP). Each finds the sampling run in the model options it is given.
 
 
+def summary(run, steps, ended):
+    """The run's log line: the steps gated, and how much faster the run was for it, measured
+    from its own step times (a gated step's time against an ungated one's)."""
+    gated = sum(map(run.schedule.after_gate, run.started))  # the steps this run evaluated (denoise, partial ranges)
+    line = f"TGATE: {gated} of {steps} steps gated (cross-attention from its cache, the {run.after_gate} branch alone)"
+    times = sorted(run.started.items())
+    seconds = {step: end - start for (step, start), end in zip(times, [t for _, t in times[1:]] + [ended])}
+    before = [t for step, t in seconds.items() if not run.schedule.after_gate(step) and step > 0]  # step 0 loads and compiles
+    after = [t for step, t in seconds.items() if run.schedule.after_gate(step)]
+    if not before or not after:
+        return line
+    ungated, gated_time = statistics.median(before), statistics.median(after)
+    without = ungated * steps  # the run with every step as long as an ungated one
+    with_tgate = ungated * (steps - gated) + gated_time * gated
+    return f"{line}; a gated step took {gated_time / ungated:.2f}x an ungated one: {without / with_tgate:.2f}x faster sampling"
+
+
 def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
     """A fresh run for every sampling run, in the run's own copy of the options, emptied at
-    its end, even on interruption."""
+    its end, even on interruption; its summary logged when it completes."""
     guider = executor.class_obj
     options = dict(guider.model_options)
     options["transformer_options"] = dict(options["transformer_options"])
@@ -187,7 +209,9 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, 
                      "cross-attention is never frozen and CFG never dropped")
     original, guider.model_options = guider.model_options, options
     try:
-        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        logging.info(summary(run, steps, time.perf_counter()))
+        return out
     finally:
         run.reset()
         guider.model_options = original
@@ -201,6 +225,7 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
     if run is None:  # an evaluation outside a sampling run
         return executor(model, conds, x_in, timestep, model_options)
     run.step = step_of(float(timestep.max()), model_options["transformer_options"].get("sample_sigmas"))
+    run.started.setdefault(run.step, time.perf_counter())
     if not run.schedule.after_gate(run.step) or len(conds) != 2 or None in conds:
         return executor(model, conds, x_in, timestep, model_options)
     (out,) = executor(model, [conds[run.branch]], x_in, timestep, model_options)

@@ -21,6 +21,7 @@ import contextvars
 from ..pladis_core.attention import merge_heads, pladis_attention, pladis_residual, split_heads
 from ..pladis_core.settings import PladisSettings
 from .conds import own_text
+from .summary import evaluated
 
 UNET_STAGES = ("input", "middle", "output")
 # The sigma that ComfyUI's Attn2Replace assumes when called outside a sampler.
@@ -34,6 +35,8 @@ class _Chain:
 
 
 _CHAIN = contextvars.ContextVar("pladis_attn2_chain")
+# The model evaluation in progress: whether PLADIS acted in it (for the run's summary).
+_ACTED = contextvars.ContextVar("pladis_attn2_acted")
 
 
 class PladisAttn2:
@@ -67,6 +70,9 @@ class PladisAttn2:
             return self._run_callbacks(self._base(q, k, v, extra_options)[0], q, k, v, extra_options).to(q.dtype)
         heads = extra_options["n_heads"]
         active = self.settings.active_rows(extra_options.get("sigmas"), q.shape[0])
+        acted = _ACTED.get(None)
+        if acted is not None and active is None:
+            acted[0] = True
         own = own_text(extra_options, q.shape[0], k.shape[1], q.device)
         mask = None if own is None else own[:, None, None, :]
         if self.inner is None and active is None:
@@ -83,6 +89,9 @@ class PladisAttn2:
             return out + merge_heads(pladis_residual(*split_heads(heads, q, k, v), mask=mask, **self.settings.method()))
         if not bool(active.any()):
             return out
+        acted = _ACTED.get(None)
+        if acted is not None:
+            acted[0] = True
         rows = active.nonzero().flatten()
         mask = None if mask is None else mask[rows]
         residual = pladis_residual(*split_heads(heads, q[rows], k[rows], v[rows]), mask=mask, **self.settings.method())
@@ -155,7 +164,13 @@ class UnetEvaluation:
         attn2 = self.served(replaces.get("attn2", {}))
         if attn2 is not None:
             transformer_options = {**transformer_options, "patches_replace": {**replaces, "attn2": attn2}}
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        acted = [False]
+        token = _ACTED.set(acted)
+        try:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        finally:
+            _ACTED.reset(token)
+            evaluated(transformer_options.get("sigmas"), acted[0])
 
     def served(self, attn2):
         """attn2 with PLADIS chained over the other nodes' patches on chosen layers, or None if none needs it."""

@@ -25,6 +25,9 @@ class Host:
 
         if not torch.cuda.is_available():
             args.cpu = True
+        # Imported before nodes.py puts comfy/ first on sys.path, where comfy/utils.py would
+        # hide this package from the extras that import it (as main.py imports it first).
+        import utils.install_util  # noqa: F401
         import folder_paths
         import nodes
 
@@ -33,6 +36,7 @@ class Host:
         self.scratch = Path(tempfile.mkdtemp(prefix="pladis-host-"))
         atexit.register(shutil.rmtree, self.scratch, True)
         for kind in ("input", "output", "temp", "user"):
+            (self.scratch / kind).mkdir()
             getattr(folder_paths, f"set_{kind}_directory")(str(self.scratch / kind))
 
         link, _ = comfyui_host.link_pack()
@@ -71,3 +75,10 @@ def loaded():
             raise RuntimeError("No ComfyUI found: set COMFYUI_PATH, or run scripts/setup.sh to lay down the pinned one.")
         _loaded = Host(root)
     return _loaded
+
+
+def host_patch_category():
+    """The category of the running host's own model patch nodes (one of them: EpsilonScaling)."""
+    from comfy_extras.nodes_eps import EpsilonScaling
+
+    return EpsilonScaling.define_schema().category

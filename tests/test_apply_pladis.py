@@ -3,6 +3,8 @@ import copy
 import logging
 
 import pytest
+
+from host import host_patch_category
 import torch
 
 from host_dits import build_dit
@@ -248,7 +250,7 @@ def test_a_model_without_unet_cross_attention_is_refused(apply):
 
 def test_schema_matches_the_documented_inputs(host):
     schema = host.node("ApplyPLADIS").define_schema()
-    assert (schema.display_name, schema.category) == ("Apply PLADIS", "model_patches/unet")
+    assert (schema.display_name, schema.category) == ("Apply PLADIS", host_patch_category())
     inputs = {i.id: i for i in schema.inputs}
     assert list(inputs) == ["model", "scale", "alpha", "start_percent", "end_percent", "include_middle", "blocks"]
     assert all(i.tooltip for i in schema.inputs)

@@ -6,6 +6,8 @@ inputs on the first supported models; every architecture's calls against the flo
 reference are in test_architectures.py.
 """
 import pytest
+
+from host import host_patch_category
 import torch
 
 from host_dits import sample_dit
@@ -176,7 +178,7 @@ def test_models_without_joint_attention_are_refused(host, models, flux_patch, ap
 
 def test_flux_patch_schema(host):
     schema = host.node("PladisFluxPatch").define_schema()
-    assert (schema.display_name, schema.category) == ("PLADIS Flux Patch", "model_patches/unet")
+    assert (schema.display_name, schema.category) == ("PLADIS Flux Patch", host_patch_category())
     inputs = {i.id: i for i in schema.inputs}
     assert list(inputs) == ["model", "scale", "alpha", "start_percent", "end_percent", "double_blocks", "single_blocks"]
     assert [inputs[k].default for k in list(inputs)[1:]] == [2.0, 1.5, 0.0, 1.0, "all", "all"]

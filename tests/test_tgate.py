@@ -3,6 +3,8 @@ import copy
 import logging
 
 import pytest
+
+from host import host_patch_category
 import torch
 
 from host_dits import build_dit, dit_conditioning, on_this_host, sample_dit
@@ -351,7 +353,7 @@ def test_wan_causal_ar_is_refused_with_the_reason(nodes):
 
 def test_schema(host):
     schema = host.node("ApplyTGATE").define_schema()
-    assert (schema.display_name, schema.category) == ("Apply TGATE", "model_patches/unet")
+    assert (schema.display_name, schema.category) == ("Apply TGATE", host_patch_category())
     inputs = {i.id: i for i in schema.inputs}
     assert list(inputs) == ["model", "gate_step", "sp_interval", "fi_interval", "warm_up", "after_gate"]
     assert all(i.tooltip for i in schema.inputs)
