@@ -1,6 +1,6 @@
 """End to end through the real ComfyUI server, as a user runs it.
 
-A temporary base directory holds the pack (a symlink in custom_nodes/) and a checkpoint with
+The server of tests/comfy_server.py: a temporary base directory holds the pack (a symlink in custom_nodes/) and a checkpoint with
 the real SD1.5 layout and random weights (tests/random_checkpoint.py). The server is ComfyUI's
 own main.py, started on the CPU on a free port with --base-directory there. The test asks
 /object_info for the pack's nodes, turns example_workflows/pladis_sd15.json (UI format) into
@@ -11,153 +11,29 @@ failure that shows the end of its log.
 """
 import copy
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from host import comfyui_host
+from comfy_server import CHECKPOINT, ServerError, comfyui_server, log_tail
 
 PACK = Path(__file__).resolve().parent.parent
 WORKFLOW = PACK / "example_workflows" / "pladis_sd15.json"
-CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-START_TIMEOUT = 180  # seconds for the server to answer, and for the checkpoint to be written
-RUN_TIMEOUT = 300  # seconds for one prompt
 # Node types that only the frontend knows: they never reach the server.
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 BYPASS, NEVER = 4, 2  # LiteGraph node modes
 
 
-def log_tail(path, lines=60):
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError as e:
-        return f"(no log: {e})"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-
-
-class Server:
-    def __init__(self, url, base, log):
-        self.url, self.base, self.log = url, base, log
-        self.proc = None
-
-    def fail(self, message):
-        pytest.fail(f"{message}\n--- end of the server log ({self.log}) ---\n{log_tail(self.log)}")
-
-    def request(self, path, payload=None, timeout=30):
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            self.fail(f"{'POST' if data else 'GET'} {path}: HTTP {e.code}: {e.read().decode(errors='replace')}")
-
-    def answers(self):
-        try:
-            with urllib.request.urlopen(self.url + "/system_stats", timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def run(self, prompt):
-        """Queues an API prompt and waits for it; returns its history entry."""
-        queued = self.request("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-        if queued.get("node_errors"):
-            self.fail(f"the server refused the prompt: {queued['node_errors']}")
-        prompt_id = queued["prompt_id"]
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while time.monotonic() < deadline:
-            entry = self.request(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
-                status = entry["status"]
-                if status.get("status_str") != "success":
-                    self.fail(f"the prompt failed: {json.dumps(status.get('messages'), indent=1)[-4000:]}")
-                return entry
-            if self.proc.poll() is not None:
-                self.fail(f"the server exited with code {self.proc.returncode} while running the prompt")
-            time.sleep(0.25)
-        self.fail(f"the prompt did not finish in {RUN_TIMEOUT} s")
-
-
 @pytest.fixture(scope="module")
 def server():
-    root = comfyui_host.find_comfyui()
-    if root is None:
-        pytest.fail("No ComfyUI found: set COMFYUI_PATH, or run scripts/setup.sh to lay down the pinned one.")
-    base = Path(tempfile.mkdtemp(prefix="pladis-server-"))
-    procs = []
     try:
-        (base / "models" / "checkpoints").mkdir(parents=True)
-        (base / "custom_nodes").mkdir()
-        (base / "user").mkdir()
-        (base / "custom_nodes" / comfyui_host.PACK_NAME).symlink_to(PACK, target_is_directory=True)
-        # Written beside the server's start-up (both take seconds); renamed into place when complete.
-        checkpoint_log = base / "checkpoint.log"
-        with open(checkpoint_log, "wb") as out:
-            writer = subprocess.Popen(
-                [sys.executable, str(PACK / "tests" / "random_checkpoint.py"), str(root),
-                 str(base / "models" / "checkpoints" / CHECKPOINT)],
-                stdout=out, stderr=subprocess.STDOUT,
-            )
-        procs.append(writer)
-        port = free_port()
-        srv = Server(f"http://127.0.0.1:{port}", base, base / "server.log")
-        with open(srv.log, "wb") as out:
-            srv.proc = subprocess.Popen(
-                [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                 "--base-directory", str(base),
-                 # ComfyUI's database defaults to a file in its own tree, whatever the base directory.
-                 "--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"],
-                cwd=root, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        procs.append(srv.proc)
-        started = time.monotonic()
-        while not srv.answers():
-            if srv.proc.poll() is not None:
-                srv.fail(f"the server exited with code {srv.proc.returncode} before answering")
-            if time.monotonic() - started > START_TIMEOUT:
-                srv.fail(f"the server did not answer within {START_TIMEOUT} s")
-            time.sleep(0.25)
-        try:
-            code = writer.wait(timeout=max(1, START_TIMEOUT - (time.monotonic() - started)))
-        except subprocess.TimeoutExpired:
-            code = "none (timed out)"
-        if code != 0:
-            pytest.fail(f"writing the random checkpoint failed, exit code {code}:\n{log_tail(checkpoint_log)}")
-        yield srv
-    finally:
-        for proc in reversed(procs):
-            stop(proc)
-        shutil.rmtree(base, ignore_errors=True)
+        with comfyui_server(checkpoint=True) as srv:
+            yield srv
+    except ServerError as e:
+        pytest.fail(str(e))
 
 
 # UI workflow -> API prompt, as the frontend builds it.
@@ -240,7 +116,8 @@ def saved_image(srv, entry, prompt):
 
 
 def test_server_lists_the_pack_nodes_with_their_inputs(server):
-    info = server.request("/object_info")
+    info = server.get("/object_info")
+    categories = {k: v["category"] for k, v in info.items()}
     expected = {
         "ApplyPLADIS": (
             {"model": "MODEL", "scale": "FLOAT", "alpha": "FLOAT", "start_percent": "FLOAT",
@@ -265,7 +142,7 @@ def test_server_lists_the_pack_nodes_with_their_inputs(server):
         assert {k: v[0] for k, v in inputs["required"].items()} == required, node_id
         assert {k: v[0] for k, v in inputs.get("optional", {}).items()} == optional, node_id
         assert node["output"] == ["MODEL"], node_id
-        assert node["category"] == "model_patches/unet", node_id
+        assert node["category"] == categories["EpsilonScaling"], node_id  # beside the host's own patch nodes
     pladis = info["ApplyPLADIS"]["input"]
     defaults = {k: v[1].get("default") for k, v in pladis["required"].items() if k != "model"}
     assert defaults == {"scale": 2.0, "alpha": 1.5, "start_percent": 0.0, "end_percent": 1.0, "include_middle": False}
@@ -274,7 +151,7 @@ def test_server_lists_the_pack_nodes_with_their_inputs(server):
 
 
 def test_sd15_example_workflow_runs_and_pladis_changes_the_image(server):
-    info = server.request("/object_info")
+    info = server.get("/object_info")
     workflow = json.loads(WORKFLOW.read_text())
 
     prompt = to_api(workflow, info)
