@@ -9,6 +9,8 @@
 - The files git tracks, laid down in a custom_nodes folder as ComfyUI-Manager's clone or the
   Registry's archive would lay them down, load through ComfyUI's own custom-node loader, and
   ComfyUI's own pyproject parser reads our fields. The installed package imports as well.
+- The Comfy CLI from PyPI (comfy-cli, in a virtual environment of its own) validates the
+  tracked files as `comfy node publish` does, reads our fields, and refuses a broken copy.
 
 The ComfyUI steps run in subprocesses with this interpreter (it has torch and ComfyUI's
 requirements) and the ComfyUI that scripts/comfyui_host.py finds (COMFYUI_PATH first).
@@ -49,6 +51,8 @@ OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")
 # comfy-cli's pattern for each comma-separated part of requires-comfyui.
 COMFYUI_VERSION_PART = re.compile(r"(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?")
 STEP_TIMEOUT = 300
+# The Comfy CLI that publishes to the Registry (`comfy node publish` runs `comfy node validate` first).
+COMFY_CLI = "comfy-cli==1.23.0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +409,11 @@ def test_tracked_files_load_from_a_custom_nodes_folder(tracked, workdir, comfyui
     assert not out["warnings"], "ComfyUI warned while loading the pack:\n" + "\n".join(out["warnings"])
 
     # What ComfyUI (and ComfyUI-Manager through it) reads from our pyproject.toml.
-    config = out["config"]
+    _check_config_read(out["config"])
+
+
+def _check_config_read(config):
+    """A parsed pyproject.toml (ComfyUI's or comfy-cli's PyProjectConfig as a dict) holds our fields."""
     project, comfy = config["project"], config["tool_comfy"]
     assert project["name"] == PROJECT["name"]
     assert project["version"] == PROJECT["version"]
@@ -428,3 +436,64 @@ def test_installed_package_imports_in_comfyui(installed, workdir, comfyui_root):
     assert Path(out["file"]).resolve() == (Path(installed["purelib"]) / PACKAGE / "__init__.py").resolve()
     assert OUR_NODES <= set(out["ids"]), f"the pack's extension lists {out['ids']}"
     assert all(module.startswith(f"{PACKAGE}.nodes.") for module in out["modules"].values()), out["modules"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Comfy CLI (PyPI's comfy-cli), in a virtual environment of its own
+
+
+@pytest.fixture(scope="module")
+def comfy_cli(tracked, workdir):
+    """(run, checkout): run(args, cwd) runs `comfy` there; checkout holds the tracked files."""
+    env_dir = workdir / "comfy-cli"
+    env = _clean_environ()
+    _run([sys.executable, "-m", "venv", str(env_dir)], "python -m venv", env=env)
+    _run([str(_venv_python(env_dir)), "-m", "pip", "install", "-q", COMFY_CLI], f"pip install {COMFY_CLI}", env=env)
+    comfy = str(env_dir / "bin" / "comfy")
+
+    def run(args, cwd):
+        command = [comfy, "--skip-prompt", "--no-enable-telemetry", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=STEP_TIMEOUT, env=env, cwd=cwd)
+
+    return run, _venv_python(env_dir), _lay_down(tracked, workdir / "cli-checkout" / "comfyui-pladis")
+
+
+def test_comfy_cli_validates_pyproject(comfy_cli):
+    run, _, checkout = comfy_cli
+    result = run(["node", "validate"], checkout)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, f"comfy node validate failed:\n{out[-4000:]}"
+    # Its security checks (ruff) only warn: a clean pack gets this line instead of warnings.
+    assert "All validation checks passed successfully" in out, out[-4000:]
+
+
+def test_comfy_cli_refuses_a_broken_pyproject(comfy_cli, tmp_path):
+    """The control: the same command fails when pyproject.toml has no version."""
+    run, _, checkout = comfy_cli
+    broken = shutil.copytree(checkout, tmp_path / "comfyui-pladis")
+    text = (broken / "pyproject.toml").read_text(encoding="utf-8")
+    (broken / "pyproject.toml").write_text(re.sub(r'(?m)^version = ".*"$', 'version = ""', text), encoding="utf-8")
+    result = run(["node", "validate"], broken)
+    assert result.returncode != 0 and "version is empty" in result.stdout + result.stderr, result.stdout[-4000:]
+
+
+def test_comfy_cli_reads_our_fields(comfy_cli):
+    _, python, checkout = comfy_cli
+    # Its dataclasses hold tomlkit values, which dataclasses.asdict cannot copy.
+    probe = textwrap.dedent(
+        """
+        import dataclasses, json, sys
+        from comfy_cli.registry.config_parser import extract_node_configuration
+
+        def plain(o):
+            if dataclasses.is_dataclass(o):
+                return {f.name: plain(getattr(o, f.name)) for f in dataclasses.fields(o)}
+            if isinstance(o, (list, tuple)):
+                return [plain(v) for v in o]
+            return str(o) if isinstance(o, str) else o
+
+        print(json.dumps(plain(extract_node_configuration(sys.argv[1]))))
+        """
+    )
+    result = _run([str(python), "-c", probe, str(checkout / "pyproject.toml")], "comfy-cli's extract_node_configuration")
+    _check_config_read(json.loads(result.stdout.strip().splitlines()[-1]))
