@@ -52,6 +52,20 @@ WARNINGS_JS = """() => [...document.querySelectorAll('.p-dialog, [role=dialog], 
     .map(e => ({kind: e.getAttribute('aria-labelledby') || e.getAttribute('data-testid') || e.className.split(' ')[0],
                 text: e.innerText}))"""
 
+# 1.32.9's missing-models dialog: one row per model with its download button.
+MISSING_MODELS_DIALOG_JS = """() => [...document.querySelectorAll(
+        '[aria-labelledby=global-missing-models-warning] .comfy-missing-models li')]
+    .filter(li => li.querySelector('button[aria-label^=Download]'))
+    .map(li => { const label = li.querySelector('span[title]'); return [...label.innerText.split(' / '), label.title] })"""
+# 1.45.21's missing-models list: "folder (n)" headings, each followed by its "file (n)" rows,
+# each row with a "Download <file>" button.
+MISSING_MODELS_PANEL_JS = """(group) => { const out = []; let folder = null;
+    for (const line of group.innerText.split('\\n').map(s => s.trim())) {
+        const m = line.match(/^(.+) \\(\\d+\\)$/); if (!m) continue;
+        if (!/\\.[a-z0-9]+$/i.test(m[1])) { folder = m[1]; continue }
+        if (group.querySelector(`[data-testid=missing-model-download][aria-label="Download ${m[1]}"]`)) out.push([folder, m[1]]) }
+    return out }"""
+
 
 class BrowserError(AssertionError):
     pass
@@ -160,6 +174,23 @@ class ComfyPage:
         self.page.wait_for_function("(n) => app.graph._nodes.length === n", arg=nodes, timeout=30_000)
         self.page.wait_for_timeout(1500)  # the missing-node and missing-model checks run after the load
         return self.warnings()
+
+    def missing_models(self):
+        """[(folder, file name)] of the models that the UI, after a workflow's load, lists as
+        missing with a Download button: 1.32.9's dialog ("folder / name", the button's title
+        the download URL, which is returned as a third item), or the error overlay's list that
+        1.45.21 opens in its right-hand panel (then closed again)."""
+        overlay = self.page.locator("[data-testid=error-overlay]")
+        if not (overlay.count() and overlay.first.is_visible()):
+            return [tuple(row) for row in self.page.evaluate(MISSING_MODELS_DIALOG_JS)]
+        overlay.get_by_text("Show missing models").click()
+        group = self.page.locator("[data-testid=error-group-missing-model]")
+        group.wait_for(state="visible", timeout=10_000)
+        self.page.wait_for_timeout(300)
+        listed = [tuple(row) for row in group.evaluate(MISSING_MODELS_PANEL_JS)]
+        self.page.get_by_role("button", name="Toggle properties panel").click()
+        group.wait_for(state="hidden", timeout=10_000)
+        return listed
 
     def graph_nodes(self):
         """[{id, type, title, known, has_errors, box: [x, y, width, height] as drawn, title bar

@@ -142,7 +142,7 @@ def test_server_lists_the_pack_nodes_with_their_inputs(server):
         assert {k: v[0] for k, v in inputs["required"].items()} == required, node_id
         assert {k: v[0] for k, v in inputs.get("optional", {}).items()} == optional, node_id
         assert node["output"] == ["MODEL"], node_id
-        assert node["category"] == categories["EpsilonScaling"], node_id  # beside the host's own patch nodes
+        assert node["category"] == categories["Epsilon Scaling"], node_id  # beside the host's own patch nodes
     pladis = info["ApplyPLADIS"]["input"]
     defaults = {k: v[1].get("default") for k, v in pladis["required"].items() if k != "model"}
     assert defaults == {"scale": 2.0, "alpha": 1.5, "start_percent": 0.0, "end_percent": 1.0, "include_middle": False}

@@ -14,6 +14,9 @@ expected and closed. The tests check:
   canvas is the file's, every node type is registered (none drawn as a missing node), no
   missing-nodes warning (1.32.9: the "global-missing-nodes" dialog; 1.45.21: the error overlay's
   "Some nodes are missing"), the pack's nodes show no error and hold the file's widget values;
+- each example workflow's model files listed by the UI as missing, each with a Download
+  button, in their folders (1.32.9: the dialog, with the URLs; 1.45.21: the error overlay's
+  list), exactly the files of the workflow's properties.models;
 - the node library's search box (sidebar) lists each of the four nodes by its display name;
 - hovering a node's title, each widget and each input socket on the canvas shows the tooltip
   text of the node's schema (/object_info: description and input tooltips);
@@ -156,6 +159,26 @@ def test_example_workflow_loads_with_every_node_known(ui, path):
             f"{path.name}: {n['type']} (node {n['id']}) shows other widget values than the file's"
     ui.page.close_warnings()
     ui.page.assert_no_app_errors(since, f"{path.name} ({ui.where})")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_ui_offers_every_model_file_for_download(ui, path):
+    """With none of its model files on the server, loading a workflow lists each file its
+    loaders read (properties.models: folder and name) with a Download button. 1.32.9 lists
+    bypassed loaders' files too, with their URLs; 1.45.21 those of the loaders that run."""
+    if newer_than_host(ui.server.root, path):
+        pytest.skip(f"this host lacks some of {path.name}'s nodes: the UI reports those first")
+    workflow = json.loads(path.read_text())
+    since = time.monotonic()
+    ui.page.load_workflow(path)
+    listed = ui.page.missing_models()
+    with_urls = bool(listed) and len(listed[0]) == 3  # 1.32.9
+    expected = {(m["directory"], m["name"], m["url"])[:3 if with_urls else 2]
+                for n in workflow["nodes"] if with_urls or n.get("mode", 0) == 0
+                for m in n.get("properties", {}).get("models", [])}
+    assert sorted(set(listed)) == sorted(expected), f"{path.name} ({ui.where})"
+    ui.page.close_warnings()
+    ui.page.assert_no_app_errors(since, f"{path.name}'s missing models ({ui.where})")
 
 
 def test_the_node_library_search_lists_the_pack_nodes(ui):
