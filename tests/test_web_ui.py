@@ -17,7 +17,9 @@ expected and closed. The tests check:
 - each example workflow's model files listed by the UI as missing, each with a Download
   button, in their folders (1.32.9: the dialog, with the URLs; 1.45.21: the error overlay's
   list), exactly the files of the workflow's properties.models;
-- the node library's search box (sidebar) lists each of the four nodes by its display name;
+- the node library's search box (sidebar) lists each of the four nodes by its display name,
+  and, where the host's own nodes carry search aliases (0.28), by an alias of its own that is
+  in neither its name nor its description;
 - hovering a node's title, each widget and each input socket on the canvas shows the tooltip
   text of the node's schema (/object_info: description and input tooltips);
 - the template browser lists the pack's workflows under the pack's folder name, each with its
@@ -192,9 +194,16 @@ def test_the_node_library_search_lists_the_pack_nodes(ui):
     # Result rows: role treeitem on both (1.32.9: PrimeVue tree li, 1.45.21: a flat list of divs);
     # a node's row holds just its display name.
     rows_js = "() => [...document.querySelectorAll('.side-bar-panel [role=treeitem]')].map(e => e.innerText.trim())"
+    # Where the host's own nodes carry search aliases (0.28), ours do too, and an alias in
+    # neither the node's name nor its description finds it.
+    host_has_aliases = any(v.get("search_aliases") for k, v in ui.object_info.items() if k not in OURS)
+    aliases = {name: ui.object_info[node].get("search_aliases", []) for node, name in OURS.items()}
+    assert all(aliases.values()) == host_has_aliases and any(aliases.values()) == host_has_aliases, aliases
+    words = {name: f"{name} {ui.object_info[node]['description']}".lower() for node, name in OURS.items()}
+    by_alias = [(next(a for a in found if a not in words[name]), [name]) for name, found in aliases.items() if found]
     listed = {}
     for query, wanted in [("PLADIS", ["Apply PLADIS", "PLADIS Flux Patch", "PLADIS Attention Preview"]),
-                          *[(name, [name]) for name in OURS.values()]]:
+                          *[(name, [name]) for name in OURS.values()], *by_alias]:
         box.fill("")
         box.fill(query)
         try:
