@@ -11,6 +11,7 @@ speed, and an out-of-memory error goes to the host as it is.
 import inspect
 import logging
 import os
+import time
 
 import torch
 
@@ -40,7 +41,11 @@ def pladis_weights(z, scale, alpha, residual=False):
     if fused is not None:
         try:
             as_tensor = lambda value: torch.tensor(value, dtype=z.dtype, device=z.device)  # noqa: E731
+            graphs, started = _graphs_compiled(), time.perf_counter()
             weights, unsettled = fused(z, as_tensor(scale), as_tensor(alpha), family_of(alpha), newton_steps(alpha), residual)
+            if _graphs_compiled() != graphs:  # this call compiled (or loaded from torch's cache) a graph
+                logging.info(f"PLADIS: compiled the fused entmax kernel for {z.device.type} (alpha {alpha}"
+                             f"{', joint attention' if residual else ''}) in {time.perf_counter() - started:.1f} s")
         except torch.OutOfMemoryError:
             raise  # plain torch would need more memory still; the host reports it
         except Exception as error:
@@ -67,6 +72,11 @@ def _fused_for(device):
         logging.info(f"PLADIS: compiling the fused entmax kernel for {device.type} (the first use takes a while)")
         _compiled[device.type] = _compile(fused_pladis_weights)
     return _compiled[device.type]
+
+
+def _graphs_compiled():
+    """How many graphs dynamo has compiled in this process (a cache hit counts too)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _compile(function):

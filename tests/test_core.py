@@ -1,4 +1,6 @@
 """pladis_core against the entmax package and a float64 reference; no ComfyUI needed."""
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +245,28 @@ def test_a_compiler_that_fails_switches_to_plain_torch_for_good(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("compiling the fused entmax kernel failed on cpu") == 1, done.stderr[-3000:]
+
+
+def test_each_compile_is_logged_once_with_its_duration(tmp_path):
+    """In a fresh process: the first call of an alpha kind compiles and says how long it took;
+    the same kind again, or another shape, compiles nothing and says nothing."""
+    script = tmp_path / "compile_log.py"
+    script.write_text(
+        "import logging, sys, torch\n"
+        f"sys.path.insert(0, {str(PACK)!r})\n"
+        "from pladis_core import attention\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for alpha, n in ((1.5, 7), (1.5, 7), (1.5, 19), (2.0, 7)):\n"
+        "    q, k, v = (torch.randn(1, 2, m, 8, generator=g) for m in (n + 2, n, n))\n"
+        "    attention.pladis_attention(q, k, v, 2.0, alpha)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = re.findall(r"PLADIS: compiled the fused entmax kernel for cpu \(alpha ([\d.]+)\) in ([\d.]+) s", done.stderr)
+    assert [alpha for alpha, _ in lines] == ["1.5", "2.0"], done.stderr[-3000:]
+    assert all(float(seconds) > 0 for _, seconds in lines)
 
 
 def test_a_one_off_error_of_the_compiled_kernel_keeps_it(monkeypatch, caplog):
