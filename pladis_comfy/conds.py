@@ -7,6 +7,8 @@ repeated text keys compete with the image keys. ContextLengths (CALC_COND_BATCH)
 patches each cond's own text length; own_text says which text keys of a call are each
 sample's own, so that a repeated context counts once.
 """
+import functools
+
 import torch
 
 from ..pladis_core.logs import warn_once
@@ -53,5 +55,11 @@ def own_text(options, batch, text, device):
         warn_once("PLADIS: an attention call had text keys that are not the conds' contexts repeated "
                   "(another node added tokens); each sample's entmax there spans every text key")
         return None
-    per_row = torch.tensor(own, device=device).repeat_interleave(batch // len(conds))
+    return _own_keys(tuple(own), batch // len(conds), text, device)
+
+
+@functools.lru_cache(maxsize=32)
+def _own_keys(own, repeats, text, device):
+    """own_text's mask, made once per layout: a tensor copied from the host every call would wait for the GPU."""
+    per_row = torch.tensor(own, device=device).repeat_interleave(repeats)
     return torch.arange(text, device=device) < per_row[:, None]

@@ -25,11 +25,11 @@ import inspect
 
 import torch
 
-from ..pladis_core.attention import joint_residual, merge_heads, pladis_attention, pladis_residual
+from ..pladis_core.attention import attention_and_logsumexp, joint_residual, merge_heads, pladis_attention, pladis_residual
 from ..pladis_core.logs import warn_once
 from .conds import own_text
+from .evaluation import acted, evaluating, samples_in_range
 from .patching import ForwardPatch, running
-from .summary import evaluated
 
 CROSS, TEXT_FIRST, TEXT_LAST, TEXT_AFTER_QUERIES = "cross", "text first", "text last", "text after the queries"
 # The host's transformer_options key for an attention override.
@@ -49,7 +49,6 @@ class Evaluation:
         self.tagged_runs = 0  # runs of tagged block forwards
         self.override_calls = 0  # attention calls that reached the override
         self.unreached = False  # a chosen block ran without any attention call reaching the override
-        self.acted = False  # PLADIS changed an attention call
 
 
 def text_span(layout, text, queries, keys):
@@ -139,12 +138,11 @@ class DitEvaluation:
         evaluation = Evaluation(count, transformer_options.get("sigmas"), self.blocks, transformer_options)
         token = _EVALUATION.set(evaluation)
         try:
-            with running(diffusion_model):
+            with running(diffusion_model), evaluating(evaluation.sigmas):
                 return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         finally:
             _EVALUATION.reset(token)
             self._report(evaluation)
-            evaluated(evaluation.sigmas, evaluation.acted)
 
     def _report(self, evaluation):
         if self.make_override is None:
@@ -164,26 +162,38 @@ class PladisOverride:
 
     earlier: the override the options held (another node's); it serves the dense attention
     of every call, so its backend (Sage, sparse attention...) keeps working.
+    exact: the host's functions of exact softmax attention. Where one of them would serve a
+    joint call, the pack runs torch's attention kernel instead (the one scaled_dot_product_attention
+    picks), which also gives each row's log-sum-exp: the text mass then costs no second pass
+    over every key.
     """
 
-    def __init__(self, settings, blocks, earlier=None):
+    def __init__(self, settings, blocks, earlier=None, exact=()):
         self.settings = settings
         self.blocks = frozenset(blocks)
         self.earlier = earlier
+        self.exact = tuple(exact)
 
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False, **kwargs):
         options = dict(attn_precision=attn_precision, skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
         run, evaluation = _patched_call(self.blocks)
         call = None if run is None or self.settings.is_identity else _Call(run.tag.layout, heads, skip_reshape, q, k, v, mask, evaluation, kwargs)
-        active = None if call is None or call.span is None else self.settings.active_rows(call.sigmas, q.shape[0])
-        if call is None or call.span is None or (active is not None and not bool(active.any())):
+        active = None if call is None or call.span is None else samples_in_range(self.settings, call.sigmas, q.shape[0], q.device)
+        if call is None or call.span is None or (active is not None and not len(active)):
             return _dense(self.earlier, func, q, k, v, heads, dict(options, mask=mask))
         # A repeated context counts once, in the dense part too (call.mask is the host's where none is).
-        out = _dense(self.earlier, func, q, k, v, heads, dict(options, mask=call.dense_mask(mask, q.dtype)))
-        rows, correction = _correction(call, active, dict(self.settings.method(), softmax_scale=kwargs.get("scale")))
-        if evaluation is not None:
-            evaluation.acted = True
-        batch = slice(None) if active is None else active.nonzero().flatten()
+        dense_mask = call.dense_mask(mask, q.dtype)
+        found = None
+        if call.layout != CROSS and self.earlier is None and func in self.exact:
+            found = attention_and_logsumexp(call.q, call.k, call.v, _four_dimensional(dense_mask), kwargs.get("scale"))
+        if found is None:
+            out, row_lse = _dense(self.earlier, func, q, k, v, heads, dict(options, mask=dense_mask)), None
+        else:
+            out, row_lse = found
+            out = out if skip_output_reshape else merge_heads(out)
+        rows, correction = _correction(call, active, dict(self.settings.method(), softmax_scale=kwargs.get("scale")), row_lse)
+        acted()
+        batch = slice(None) if active is None else active
         if skip_output_reshape:
             out[batch, :, rows] += correction.to(out.dtype)
         else:
@@ -218,19 +228,22 @@ class _Call:
         return _with_keys(_four_dimensional(mask), self.keep, additive=dtype)
 
 
-def _correction(call, active, method):
-    """(query rows, the correction for them)."""
+def _correction(call, active, method, row_lse=None):
+    """(query rows, the correction for them); active: the indices of the samples to correct,
+    None for all; row_lse: each row's log-sum-exp over every key, where the dense pass gave it."""
     q, k, v, mask = call.q, call.k, call.v, call.mask
     if active is not None:
         q, k, v = q[active], k[active], v[active]
-        if mask is not None and mask.shape[0] == active.shape[0]:
+        row_lse = None if row_lse is None else row_lse[active]
+        if mask is not None and mask.shape[0] == call.q.shape[0]:
             mask = mask[active]
     text, rows = call.span
     if call.layout == CROSS:
         return rows, pladis_residual(q, k, v, mask=mask, **method)
     if mask is not None and mask.shape[-2] == call.q.shape[-2]:
         mask = mask[..., rows, :]
-    return rows, joint_residual(q[..., rows, :], k, v, text, mask=mask, **method)
+    row_lse = None if row_lse is None else row_lse[..., rows, :]
+    return rows, joint_residual(q[..., rows, :], k, v, text, mask=mask, row_lse=row_lse, **method)
 
 
 def _with_keys(mask, keep, additive=None):
@@ -351,18 +364,19 @@ class PladisForward(ForwardPatch):
             return self.inner(*args, **kwargs)
         q, k, v, finish = self.adapter(self.module(), *args, **kwargs)
         span = text_span(self.layout, evaluation.text_tokens, q.shape[-2], k.shape[-2])
-        active = self.settings.active_rows(evaluation.sigmas, q.shape[0])
-        if span is None or (active is not None and not bool(active.any())):
+        active = samples_in_range(self.settings, evaluation.sigmas, q.shape[0], q.device)
+        if span is None or (active is not None and not len(active)):
             return self.inner(*args, **kwargs)
-        evaluation.acted = True
-        if self.layout == CROSS:
-            out = pladis_attention(q, k, v, **self.settings.method())
-            if active is not None:  # samples outside the step range get plain attention
-                out[~active] = pladis_attention(q[~active], k[~active], v[~active], **dict(self.settings.method(), scale=0.0))
-            return finish(out)
+        acted()
+        if self.layout == CROSS and active is None:
+            return finish(pladis_attention(q, k, v, **self.settings.method()))
+        # Samples outside the step range keep the host's dense attention.
         out = self.dense_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
         text, rows = span
-        batch = slice(None) if active is None else active.nonzero().flatten()
-        chosen = (q, k, v) if active is None else (q[active], k[active], v[active])
-        out[batch, :, rows] += joint_residual(chosen[0][..., rows, :], chosen[1], chosen[2], text, **self.settings.method()).to(out.dtype)
+        batch = slice(None) if active is None else active
+        q, k, v = (q, k, v) if active is None else (q[active], k[active], v[active])
+        if self.layout == CROSS:
+            out[batch] += pladis_residual(q, k, v, **self.settings.method()).to(out.dtype)
+        else:
+            out[batch, :, rows] += joint_residual(q[..., rows, :], k, v, text, **self.settings.method()).to(out.dtype)
         return finish(out)

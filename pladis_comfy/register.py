@@ -1,6 +1,7 @@
 """Registering PLADIS, TGATE and the preview's recorders on a cloned ModelPatcher: which
 patches, object patches, wrappers and callbacks go where, by the architecture table."""
 import comfy.patcher_extension
+import comfy.ldm.modules.attention as host_attention
 from comfy.ldm.modules.attention import optimized_attention
 
 from . import tgate
@@ -12,6 +13,13 @@ from .unet import UnetEvaluation, copy_on_clone, register_attn2_patches
 
 WRAPPERS, CALLBACKS = comfy.patcher_extension.WrappersMP, comfy.patcher_extension.CallbacksMP
 DIT_KEY, UNET_KEY, SUMMARY_KEY = "pladis_dit", "pladis_unet", "pladis_summary"
+# The host's exact attention functions (as an attention override receives them), which the pack
+# may replace by torch's own kernel in joint calls; not Sage's or other approximate ones.
+EXACT_ATTENTION = tuple(
+    getattr(f, "__wrapped__", f)
+    for f in (getattr(host_attention, name, None) for name in ("attention_basic", "attention_split", "attention_sub_quad", "attention_pytorch"))
+    if f is not None
+)
 TGATE_WRAPPERS = {
     WRAPPERS.OUTER_SAMPLE: tgate.outer_sample_wrapper,
     WRAPPERS.CALC_COND_BATCH: tgate.calc_cond_batch_wrapper,
@@ -49,7 +57,7 @@ def patch_dit(model, architecture, chosen, settings, what):
     layout = architecture.layout_of(model.get_model_object("diffusion_model"))
     register_dit(
         model, architecture, chosen,
-        lambda earlier: PladisOverride(settings, chosen, earlier),
+        lambda earlier: PladisOverride(settings, chosen, earlier, EXACT_ATTENTION),
         lambda forward, path, module: PladisForward(forward, path, module, architecture.adapter, layout, settings, optimized_attention),
     )
     _set_wrapper(model, WRAPPERS.CALC_COND_BATCH, DIT_KEY, ContextLengths(architecture.text_cond))

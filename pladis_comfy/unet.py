@@ -21,7 +21,7 @@ import contextvars
 from ..pladis_core.attention import merge_heads, pladis_attention, pladis_residual, split_heads
 from ..pladis_core.settings import PladisSettings
 from .conds import own_text
-from .summary import evaluated
+from .evaluation import acted, current_sigma, evaluating, samples_in_range
 
 UNET_STAGES = ("input", "middle", "output")
 # The sigma that ComfyUI's Attn2Replace assumes when called outside a sampler.
@@ -35,8 +35,6 @@ class _Chain:
 
 
 _CHAIN = contextvars.ContextVar("pladis_attn2_chain")
-# The model evaluation in progress: whether PLADIS acted in it (for the run's summary).
-_ACTED = contextvars.ContextVar("pladis_attn2_acted")
 
 
 class PladisAttn2:
@@ -69,13 +67,11 @@ class PladisAttn2:
         if self.settings.is_identity:
             return self._run_callbacks(self._base(q, k, v, extra_options)[0], q, k, v, extra_options).to(q.dtype)
         heads = extra_options["n_heads"]
-        active = self.settings.active_rows(extra_options.get("sigmas"), q.shape[0])
-        acted = _ACTED.get(None)
-        if acted is not None and active is None:
-            acted[0] = True
+        active = samples_in_range(self.settings, extra_options.get("sigmas"), q.shape[0], q.device)
         own = own_text(extra_options, q.shape[0], k.shape[1], q.device)
         mask = None if own is None else own[:, None, None, :]
         if self.inner is None and active is None:
+            acted()
             out = merge_heads(pladis_attention(*split_heads(heads, q, k, v), mask=mask, **self.settings.method()))
         else:
             out, pladis_inside = self._base(q, k, v, extra_options)
@@ -86,16 +82,14 @@ class PladisAttn2:
     def _plus_residual(self, out, q, k, v, heads, active, mask):
         """out + scale * (sparse - dense) v, for the samples in the step range."""
         if active is None:
+            acted()
             return out + merge_heads(pladis_residual(*split_heads(heads, q, k, v), mask=mask, **self.settings.method()))
-        if not bool(active.any()):
+        if not len(active):
             return out
-        acted = _ACTED.get(None)
-        if acted is not None:
-            acted[0] = True
-        rows = active.nonzero().flatten()
-        mask = None if mask is None else mask[rows]
-        residual = pladis_residual(*split_heads(heads, q[rows], k[rows], v[rows]), mask=mask, **self.settings.method())
-        return out.index_add(0, rows, merge_heads(residual).to(out.dtype))
+        acted()
+        mask = None if mask is None else mask[active]
+        residual = pladis_residual(*split_heads(heads, q[active], k[active], v[active]), mask=mask, **self.settings.method())
+        return out.index_add(0, active, merge_heads(residual).to(out.dtype))
 
     def _base(self, q, k, v, extra_options):
         """(the dense output, whether a PladisAttn2 ran inside the chained patch)."""
@@ -116,7 +110,7 @@ class PladisAttn2:
         if not self.callbacks:
             return out
         sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.flatten()[0]) if sigmas is not None else _NO_SIGMA
+        sigma = current_sigma(sigmas) if sigmas is not None else _NO_SIGMA
         for callback, kwargs in self.callbacks:
             if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", _NO_SIGMA):
                 out = out + callback(out, q, k, v, extra_options, **kwargs)
@@ -164,13 +158,8 @@ class UnetEvaluation:
         attn2 = self.served(replaces.get("attn2", {}))
         if attn2 is not None:
             transformer_options = {**transformer_options, "patches_replace": {**replaces, "attn2": attn2}}
-        acted = [False]
-        token = _ACTED.set(acted)
-        try:
+        with evaluating(transformer_options.get("sigmas")):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        finally:
-            _ACTED.reset(token)
-            evaluated(transformer_options.get("sigmas"), acted[0])
 
     def served(self, attn2):
         """attn2 with PLADIS chained over the other nodes' patches on chosen layers, or None if none needs it."""

@@ -17,7 +17,7 @@ import logging
 import torch
 
 from .logs import warn_once
-from .weights import acceleration_enabled, pladis_weights
+from .weights import pladis_weights
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # float32 (batch, heads, chunk, keys) buffers alive at once while one chunk is processed:
@@ -41,14 +41,16 @@ def pladis_residual(q, k, v, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_
     return chunked_attention(q, k, v, weights, mask, chunk_bytes, softmax_scale)
 
 
-def joint_residual(q, k, v, text, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):
+def joint_residual(q, k, v, text, scale, alpha, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None, row_lse=None):
     """m * scale * (sparse - dense) v_txt for query rows that see text and image keys.
 
     text: the slice of k (and v) that holds the text keys. m, each row's dense mass on
-    them, needs the row's log-sum-exp over every key (row_logsumexp); the rest is
-    computed on the (queries x text keys) block alone.
+    them, needs the row's log-sum-exp over every key: row_lse (float32, (..., queries, 1))
+    where the dense pass gave it (attention_and_logsumexp), else computed (row_logsumexp);
+    the rest is computed on the (queries x text keys) block alone.
     """
-    row_lse = row_logsumexp(q, k, mask, chunk_bytes, softmax_scale)
+    if row_lse is None:
+        row_lse = row_logsumexp(q, k, mask, chunk_bytes, softmax_scale)
     if mask is not None and mask.shape[-1] == k.shape[-2]:
         mask = mask[..., text]
     text_weights = lambda z, rows: _joint_weights(z, row_lse[..., rows, :], scale, alpha)  # noqa: E731
@@ -71,9 +73,9 @@ def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scal
     kernel; on CUDA its flash or memory-efficient kernel, without masks); where none serves,
     chunks of float32 logits.
     """
-    lse = _kernel_logsumexp(q, k, mask, softmax_scale) if acceleration_enabled() else None
-    if lse is not None:
-        return lse.float().unsqueeze(-1)
+    found = _kernel_attention(q, k, k, mask, softmax_scale)
+    if found is not None:
+        return found[1].float().unsqueeze(-1)
     out = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
     kt = k.float().transpose(-1, -2)
     for rows in _row_chunks(q, k.shape[-2], _LSE_LIVE_BUFFERS, chunk_bytes):
@@ -84,8 +86,16 @@ def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scal
     return out
 
 
-def _kernel_logsumexp(q, k, mask, softmax_scale):
-    """The log-sum-exp from torch's kernel for this device, or None where it gives none.
+def attention_and_logsumexp(q, k, v, mask=None, softmax_scale=None):
+    """(softmax(z) v in q's dtype, the row log-sum-exp as float32 (..., queries, 1)) from one
+    pass of torch's attention kernel for this device (the kernel that torch's
+    scaled_dot_product_attention runs), or None where it gives no log-sum-exp."""
+    found = _kernel_attention(q, k, v, mask, softmax_scale)
+    return None if found is None else (found[0], found[1].float().unsqueeze(-1))
+
+
+def _kernel_attention(q, k, v, mask, softmax_scale):
+    """(output, log-sum-exp) from torch's kernel for this device, or None where it gives none.
 
     A torch without the kernel loses it for the process; a call it refuses (a shape, a dtype,
     a one-off error) falls back alone; running out of memory goes to the host as it is.
@@ -94,7 +104,7 @@ def _kernel_logsumexp(q, k, mask, softmax_scale):
     if kernel is None:
         return None
     try:
-        return kernel(q, k, None if mask is None else _additive(mask, q.dtype), softmax_scale)
+        return kernel(q, k, v, None if mask is None else _additive(mask, q.dtype), softmax_scale)
     except torch.OutOfMemoryError:
         raise
     except AttributeError as missing:  # torch.ops has no such kernel in this torch
@@ -107,21 +117,21 @@ def _kernel_logsumexp(q, k, mask, softmax_scale):
     return None
 
 
-def _cuda_logsumexp(q, k, mask, softmax_scale):
+def _cuda_attention(q, k, v, mask, softmax_scale):
     if mask is not None:
         return None  # its bias would have to be a full (queries x keys) tensor: chunks instead
     if q.dtype in (torch.float16, torch.bfloat16):
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, scale=softmax_scale)[1]
-    # Its log-sum-exp has the rows padded to a multiple of 32.
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, k, None, True, scale=softmax_scale)[1][..., : q.shape[-2]]
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=softmax_scale)[:2]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=softmax_scale)[:2]
+    return out, lse[..., : q.shape[-2]]  # its log-sum-exp has the rows padded to a multiple of 32
 
 
-def _cpu_logsumexp(q, k, mask, softmax_scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, attn_mask=mask, scale=softmax_scale)[1]
+def _cpu_attention(q, k, v, mask, softmax_scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=softmax_scale)[:2]
 
 
-# The attention output is a by-product (k stands in for v); the log-sum-exp is what is used.
-_LSE_KERNELS = {"cpu": _cpu_logsumexp, "cuda": _cuda_logsumexp}
+# Where only the log-sum-exp is wanted (row_logsumexp), k stands in for v.
+_LSE_KERNELS = {"cpu": _cpu_attention, "cuda": _cuda_attention}
 
 
 

@@ -6,7 +6,7 @@ tau is the root of a decreasing convex function. We run Newton's method on
 
     phi(tau) = || [(alpha - 1) z - tau]_+ ||_beta - 1,        beta = 1 / (alpha - 1)
 
-from the lower bound tau = max - 1. phi is convex (a norm of convex functions) and
+from a lower bound of the root (threshold_lower_bound). phi is convex (a norm of convex functions) and
 decreasing, so Newton from the left never overshoots, and it is nearly linear in tau,
 so a few steps reach float precision for every alpha; at alpha = 2 (sparsemax) phi is
 piecewise linear and Newton lands exactly on tau once the support is found.
@@ -43,7 +43,7 @@ def entmax(z, alpha=1.5, dim=-1):
 def entmax_threshold(x, beta, dim=-1):
     """tau with sum_i [x_i - tau]_+^beta = 1, for x shifted so that max x = 0."""
     tiny = torch.finfo(x.dtype).tiny
-    tau = torch.full_like(x.narrow(dim, 0, 1), -1.0)
+    tau = threshold_lower_bound(x, beta, dim)
     for _ in range(MAX_NEWTON_STEPS):
         s = (x - tau).clamp_min(0)
         s_pow = _clamped_power(s, beta - 1.0)  # d/dtau of s^beta, up to the factor beta
@@ -56,6 +56,19 @@ def entmax_threshold(x, beta, dim=-1):
             break
         tau = moved
     return tau
+
+
+def threshold_lower_bound(x, beta, dim=-1):
+    """A tau at or below the root, for x shifted so that max x = 0: the larger of two bounds.
+
+    The maximum alone gives -1. And as [y]_+^beta is convex, sum_i [x_i - tau]_+^beta >=
+    d [mean(x) - tau]_+^beta over the d finite keys, so the root is >= mean(x) - d^(-1/beta):
+    close to it on flat rows of many keys, where Newton from -1 needs the most steps.
+    """
+    finite = torch.isfinite(x)
+    d = finite.sum(dim, keepdim=True).clamp_min(1).to(x.dtype)
+    mean = torch.where(finite, x, 0.0).sum(dim, keepdim=True) / d
+    return torch.maximum(mean - d ** (-1.0 / beta), torch.full_like(mean, -1.0))
 
 
 def _clamped_power(s, exponent):

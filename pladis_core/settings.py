@@ -22,11 +22,13 @@ class PladisSettings:
         """The keyword arguments of the attention functions."""
         return {"scale": self.scale, "alpha": self.alpha, "chunk_bytes": self.chunk_bytes}
 
-    def active_rows(self, sigmas, batch):
-        """None when every sample of the batch is in range, else a bool tensor per sample."""
+    def samples_in_range(self, sigmas, batch):
+        """None when every sample of the batch is in the step range, else the indices of those
+        that are (maybe none). Reads sigmas on the host: once per model evaluation, not per call."""
         if sigmas is None or (self.sigma_start == float("inf") and self.sigma_end <= 0.0):
             return None
-        if sigmas.numel() != batch:
-            sigmas = sigmas.flatten()[:1].expand(batch)
-        active = (sigmas <= self.sigma_start) & (sigmas >= self.sigma_end)
-        return None if bool(active.all()) else active
+        values = sigmas.flatten().tolist()
+        if len(values) != batch:
+            values = values[:1] * batch
+        inside = [sample for sample, sigma in enumerate(values) if self.sigma_end <= sigma <= self.sigma_start]
+        return None if len(inside) == batch else inside

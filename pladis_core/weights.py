@@ -1,13 +1,21 @@
-"""The PLADIS attention weights of float32 logits, on the fastest path this machine has.
+"""The PLADIS weights of float32 logits, on the fastest path this machine has.
 
     W = softmax(z) + scale * (entmax_alpha(z) - softmax(z))     (residual: without softmax(z))
 
 The fused function of fused.py is compiled with torch.compile (C++ on the CPU, Triton on
-CUDA) the first time a device type needs it; with PLADIS_COMPILE=0 the exact eager functions
-below serve instead. When compiling fails (no compiler on this machine), they serve for the
-rest of the process; a one-off error while the compiled code runs costs only that call its
-speed, and an out-of-memory error goes to the host as it is.
+CUDA) the first time a device type needs it; with PLADIS_COMPILE=0, or where compiling
+failed (no compiler on this machine), the same function runs op by op in plain torch. A
+one-off error while the compiled code runs costs only that call its speed, and an
+out-of-memory error goes to the host as it is.
+
+Neither path asks the host about the data. The rows the fixed Newton steps leave unsettled
+(see fused.py) are redone exactly by the loop of entmax.py at once outside a model
+evaluation; inside one (settled_after), they are only counted on the device, and read once
+when the evaluation ends, so that a GPU never waits for Python within it.
 """
+import contextlib
+import contextvars
+import functools
 import inspect
 import logging
 import os
@@ -37,15 +45,27 @@ def pladis_weights(z, scale, alpha, residual=False):
     """The weights of float32 logits z over the last dimension (no entmax work at scale 0)."""
     if scale == 0 or alpha == 1.0:
         return eager_pladis_weights(z, scale, alpha, residual)
+    weights, unsettled = _fused_weights(z, scale, alpha, residual)
+    left_over = _LEFT_OVER.get(None)
+    if left_over is not None:
+        left_over.add(unsettled)
+    elif bool(unsettled.any()):  # outside a model evaluation: exact at once
+        weights[unsettled] = eager_pladis_weights(z[unsettled], scale, alpha, residual)
+    return weights
+
+
+def _fused_weights(z, scale, alpha, residual):
+    """fused_pladis_weights, compiled where that works."""
+    arguments = (z, _scalar(scale, z.dtype, z.device), _scalar(alpha, z.dtype, z.device), family_of(alpha), newton_steps(alpha), residual)
     fused = _fused_for(z.device)
     if fused is not None:
         try:
-            as_tensor = lambda value: torch.tensor(value, dtype=z.dtype, device=z.device)  # noqa: E731
             graphs, started = _graphs_compiled(), time.perf_counter()
-            weights, unsettled = fused(z, as_tensor(scale), as_tensor(alpha), family_of(alpha), newton_steps(alpha), residual)
+            found = fused(*arguments)
             if _graphs_compiled() != graphs:  # this call compiled (or loaded from torch's cache) a graph
                 logging.info(f"PLADIS: compiled the fused entmax kernel for {z.device.type} (alpha {alpha}"
                              f"{', joint attention' if residual else ''}) in {time.perf_counter() - started:.1f} s")
+            return found
         except torch.OutOfMemoryError:
             raise  # plain torch would need more memory still; the host reports it
         except Exception as error:
@@ -54,11 +74,47 @@ def pladis_weights(z, scale, alpha, residual=False):
             else:
                 warn_once(f"PLADIS: the compiled kernel failed once on {z.device.type}; that call used plain torch, "
                            f"later ones use the compiled kernel again: {error}")
-        else:
-            if bool(unsettled.any()):  # rare rows that need more Newton steps
-                weights[unsettled] = eager_pladis_weights(z[unsettled], scale, alpha, residual)
-            return weights
-    return eager_pladis_weights(z, scale, alpha, residual)
+    return fused_pladis_weights(*arguments)
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar(value, dtype, device):
+    """A 0-d tensor of value on device, made once: copying a new one from the host every call would wait for the GPU."""
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+class LeftOver:
+    """The rows left unsettled in one model evaluation, counted on each device."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, unsettled):
+        count = unsettled.sum()
+        self.counts[count.device] = self.counts[count.device] + count if count.device in self.counts else count
+
+    def total(self):
+        return sum(map(int, self.counts.values()))
+
+
+_LEFT_OVER = contextvars.ContextVar("pladis_left_over")
+
+
+@contextlib.contextmanager
+def settled_after():
+    """Within: the kernel's unsettled rows are counted, not redone (no host sync per call);
+    at the end, the count is read once, and a warning (once per process) says if any were."""
+    left_over = LeftOver()
+    token = _LEFT_OVER.set(left_over)
+    try:
+        yield
+    finally:
+        _LEFT_OVER.reset(token)
+    rows = left_over.total()
+    if rows:
+        warn_once(f"PLADIS: {rows} rows of attention weights in a model evaluation needed more Newton steps than the fused "
+                  f"kernel runs, so their entmax maps are approximate (rows of very many, nearly equal logits); "
+                  f"please report the model and settings")
 
 
 def acceleration_enabled():

@@ -1,4 +1,5 @@
 """The DiT patch objects of pladis_comfy/dit.py on their own, called as the host calls them."""
+import pytest
 import torch
 
 from host import loaded
@@ -52,13 +53,13 @@ class Executor:
         return self.fn(*args, **kwargs)
 
 
-def run_in_block(settings, calls, blocks=(KEY,), tag_call=0, text=TEXT, sigmas=None, layout=JOINT, earlier=None):
+def run_in_block(settings, calls, blocks=(KEY,), tag_call=0, text=TEXT, sigmas=None, layout=JOINT, earlier=None, exact=()):
     """Each of calls(options) inside a tagged block of one evaluation, the override installed by
-    the evaluation wrapper over `earlier`; their results."""
+    the evaluation wrapper over `earlier` (exact: the host functions it may replace); their results."""
     model = torch.nn.Module()
     model.block = Block(calls)
     tagged = BlockTag(model.block.forward, "block", model.block, KEY, layout, tag_call)
-    wrapper = DitEvaluation(layout, blocks, lambda dm, context, conds: text, lambda inner: PladisOverride(settings, blocks, inner))
+    wrapper = DitEvaluation(layout, blocks, lambda dm, context, conds: text, lambda inner: PladisOverride(settings, blocks, inner, exact))
     options = {"sigmas": sigmas} if earlier is None else {"sigmas": sigmas, OVERRIDE_KEY: earlier}
     return wrapper(Executor(lambda *a, **kw: tagged(a[5]), model), None, None, None, torch.zeros(1, text, 4), None, options)
 
@@ -76,6 +77,35 @@ def test_joint_call_gets_the_correction_with_a_positional_three_dimensional_mask
     (out,) = run_in_block(PladisSettings(2.0, 1.5), [lambda o: o[OVERRIDE_KEY](dense, q, k, v, HEADS, mask, skip_reshape=True, skip_output_reshape=True, transformer_options=o)])
     ref = joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5, mask=keep[:, None])
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_where_the_host_attention_is_exact_its_kernel_gives_the_text_mass(monkeypatch):
+    """A joint call whose dense attention is one of the host's exact functions: the pack runs
+    torch's kernel instead, and the row log-sum-exp it returns gives each row's text mass (no
+    second pass over every key). Masked, in a step range, merged heads: the method's result."""
+    attention = loaded().pack_module("pladis_core.attention")
+    monkeypatch.setattr(attention, "row_logsumexp", lambda *args: pytest.fail("a second pass over the keys"))
+    host_calls = []
+
+    def exact(*args, **kwargs):
+        host_calls.append(args)
+        return dense(*args, **kwargs)
+
+    q, k, v = qkv()
+    keep = torch.ones(2, 1, 1, TEXT + IMAGE, dtype=torch.bool)
+    keep[0, ..., 3:TEXT] = False
+    mask = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
+    settings = PladisSettings(2.0, 1.5, sigma_start=5.0, sigma_end=1.0)
+    call = lambda o: o[OVERRIDE_KEY](exact, q, k, v, HEADS, mask, skip_reshape=True, skip_output_reshape=True, transformer_options=o)  # noqa: E731
+    (masked,) = run_in_block(settings, [call], sigmas=torch.tensor([3.0, 2.0]), exact=(exact,))
+    (in_range,) = run_in_block(settings, [lambda o: o[OVERRIDE_KEY](exact, *merged, HEADS, transformer_options=o)], sigmas=torch.tensor([3.0, 8.0]), exact=(exact,))
+    assert not host_calls
+    assert (masked.double() - joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5, mask=keep)).abs().max() < 1e-5
+    ref = joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5).transpose(1, 2).flatten(-2)
+    assert (in_range[0].double() - ref[0]).abs().max() < 1e-5
+    assert (in_range[1] - dense(*merged, HEADS)[1]).abs().max() < 1e-5  # out of range: dense
+    assert (in_range[0] - dense(*merged, HEADS)[0]).abs().max() > 1e-2
 
 
 def test_an_explicit_softmax_scale_is_the_scale_of_the_correction():

@@ -91,6 +91,13 @@ def test_the_incoming_model_is_untouched(models, flux_patch):
     assert torch.equal(sample_dit(model, "flux", steps=2), before)
 
 
+def same_but_rounding(result, expected):
+    """Equal up to float32 rounding: without another node's override, PLADIS runs the dense part
+    of joint calls with torch's attention kernel rather than the host's function (for the
+    text mass from the same pass), which rounds differently."""
+    return (result - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
 # kind: (the node's fixture, the attention calls of a 2-step run, the reference text of a call)
 OVERRIDE_CASES = {
     "flux": ("flux_patch", 2 * 2, lambda call: 32),  # both blocks joint
@@ -116,7 +123,7 @@ def test_another_nodes_override_serves_every_call_in_either_order(request, model
     assert len(sage.calls) == len(after.calls) == calls
     for call in after.calls:
         assert max_error(call, reference_of(call, text(call))) < 2e-5
-    assert torch.equal(result, sample_dit(node(model, scale=SCALE, alpha=ALPHA), kind, steps=2))
+    assert same_but_rounding(result, sample_dit(node(model, scale=SCALE, alpha=ALPHA), kind, steps=2))
 
 
 def test_an_override_installed_anew_in_every_evaluation_keeps_pladis(models, flux_patch):
@@ -134,7 +141,7 @@ def test_an_override_installed_anew_in_every_evaluation_keeps_pladis(models, flu
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_sparse", install)
     result = sample_dit(patched, "flux", steps=2)
     assert len(sparse.calls) == 2 * 2
-    assert torch.equal(result, sample_dit(flux_patch(models("flux"), scale=SCALE, alpha=ALPHA), "flux", steps=2))
+    assert same_but_rounding(result, sample_dit(flux_patch(models("flux"), scale=SCALE, alpha=ALPHA), "flux", steps=2))
     assert not torch.equal(result, sample_dit(models("flux"), "flux", steps=2))
 
 
