@@ -30,8 +30,14 @@ def newton_steps(alpha):
 
 
 def family_of(alpha):
-    """Lets alpha 2 ("sparsemax") and 1.5 ("entmax15") avoid transcendental functions."""
-    return "sparsemax" if alpha == 2.0 else "entmax15" if alpha == 1.5 else "general"
+    """Lets alpha 2 ("sparsemax"), 1.5 ("entmax15") and every alpha = 1 + 1/n ("power n": 1.25,
+    1.2, ..., where s^(beta - 1) is s^(n - 1)) avoid transcendental functions per logit."""
+    if alpha == 2.0:
+        return "sparsemax"
+    if alpha == 1.5:
+        return "entmax15"
+    beta = 1.0 / (alpha - 1.0)
+    return f"power {round(beta)}" if 3 <= round(beta) <= 10 and abs(beta - round(beta)) < 1e-9 else "general"
 
 
 def fused_pladis_weights(z, scale, alpha, family: str, steps: int, residual: bool):
@@ -85,6 +91,8 @@ def _support_power(s, beta, family):
         return (s > 0).to(s.dtype)
     if family == "entmax15":  # beta = 2
         return s
+    if family.startswith("power"):  # an integer beta: multiplications only
+        return s ** (int(family.split()[1]) - 1)
     if not torch.compiler.is_compiling():
         return s ** (beta - 1.0)  # op by op, one pass rather than three
     # exp(log) rather than pow() for the compiler, which vectorises it; log(0) = -inf gives exactly 0.

@@ -194,7 +194,8 @@ def test_peak_memory_stays_within_the_chunk_budget(monkeypatch, compiled):
         assert extra <= budget
 
 
-# Every family and Newton step count (4, 6, 7); 1.25 again: a graph must not be reused for another alpha.
+# Every family (power 10 and 4, general, entmax15, sparsemax) and Newton step count (4, 6, 7); 1.25
+# again: a graph must not be reused for another alpha.
 ALL_ALPHAS = [1.1, 1.25, 1.5, 1.55, 1.75, 1.9, 2.0, 1.25]
 
 
