@@ -61,9 +61,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and shapes, for a smoke run")
     parser.add_argument("--size", type=int, help="image size of the TGATE runs (default: small on a CPU)")
     parser.add_argument("--name", default="latest", help="results go to bench/results/NAME.json and NAME.md")
+    parser.add_argument("--pytorch-attention", action="store_true",
+                        help="the host's attention is torch's SDPA (ComfyUI's --use-pytorch-cross-attention, its default on CUDA)")
     args = parser.parse_args()
 
-    host = load_host()
+    host = load_host(use_pytorch_cross_attention=True) if args.pytorch_attention else load_host()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"machine": machine(), "scale": SCALE}
     parts = args.parts.split(",")
@@ -91,12 +93,13 @@ def main():
 HOST_PARTS = ("e2e", "flux", "tgate")
 
 
-def load_host():
-    """The test host (ComfyUI imported), or None where no ComfyUI imports (a bare GPU machine)."""
+def load_host(**options):
+    """The test host (ComfyUI imported, with these command-line options), or None where no
+    ComfyUI imports (a bare GPU machine)."""
     from host import Host, comfyui_host
 
     try:
-        return Host(comfyui_host.find_comfyui() or comfyui_host.comfyui_path())
+        return Host(comfyui_host.find_comfyui() or comfyui_host.comfyui_path(), **options)
     except Exception as error:  # noqa: BLE001 - any reason ComfyUI does not import: report it, run the rest
         print(f"ComfyUI did not load: {error}", flush=True)
         return None
@@ -150,16 +153,20 @@ def shapes(device, quick):
         yield name, (b, h, n, m, d)
 
 
-def median_time(fn, device, repeats):
-    fn()  # warm-up: compiles, caches
-    times = []
+def median_times(fns, device, repeats):
+    """{name: median seconds of fn()}, the functions run in turn in each repetition, so that
+    the machine's drift (it is shared and noisy) hits them alike and their ratios hold."""
+    for fn in fns.values():
+        fn()  # warm-up: compiles, caches
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def sync(device):
@@ -175,12 +182,16 @@ def inputs(shape, device, seed=0):
 
 
 def with_compile(enabled, fn):
-    """fn() with the compiled kernel on or off (PLADIS_COMPILE), then the default again."""
-    os.environ["PLADIS_COMPILE"] = "1" if enabled else "0"
-    try:
-        return fn()
-    finally:
-        del os.environ["PLADIS_COMPILE"]
+    """fn, to be run with the compiled kernel on or off (PLADIS_COMPILE), then the default again."""
+
+    def run():
+        os.environ["PLADIS_COMPILE"] = "1" if enabled else "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["PLADIS_COMPILE"]
+
+    return run
 
 
 def naive_port(q, k, v, alpha):
@@ -203,13 +214,14 @@ def bench_layers(device, quick):
         q, k, v = inputs(shape, device)
         heads = shape[1]
         merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
-        host = median_time(lambda: optimized_attention(*merged, heads), device, repeats)
-        sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
         for alpha in ALPHAS:
             run = lambda: pladis_attention(q, k, v, SCALE, alpha)  # noqa: E731
-            compiled = with_compile(True, lambda: median_time(run, device, repeats))
-            plain = with_compile(False, lambda: median_time(run, device, repeats))
-            naive = median_time(lambda: naive_port(q, k, v, alpha), device, 1 if quick else 2)
+            found = median_times({
+                "host": lambda: optimized_attention(*merged, heads), "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                "compiled": with_compile(True, run), "plain": with_compile(False, run),
+            }, device, repeats)
+            host, sdpa, compiled, plain = found["host"], found["sdpa"], found["compiled"], found["plain"]
+            naive = median_times({"naive": lambda: naive_port(q, k, v, alpha)}, device, 1 if quick else 2)["naive"]
             rows.append({
                 "shape": name, "alpha": alpha, "host_dense_ms": host * 1e3, "sdpa_ms": sdpa * 1e3,
                 "pladis_ms": compiled * 1e3, "pladis_plain_ms": plain * 1e3, "naive_ms": naive * 1e3,
@@ -249,9 +261,11 @@ def bench_joint(device, quick):
             continue
         q, k, v, text = joint_inputs(shape, device)
         repeats = 3 if quick else 5
-        dense = median_time(lambda: joint_call(q, k, v, text, "dense"), device, repeats)
-        sdpa = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, repeats)
-        pladis = median_time(lambda: joint_call(q, k, v, text, "pladis"), device, repeats)
+        found = median_times({
+            "dense": lambda: joint_call(q, k, v, text, "dense"), "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "pladis": lambda: joint_call(q, k, v, text, "pladis"),
+        }, device, repeats)
+        dense, sdpa, pladis = found["dense"], found["sdpa"], found["pladis"]
         rows.append({"shape": name, "dense_ms": dense * 1e3, "sdpa_ms": sdpa * 1e3, "pladis_ms": pladis * 1e3,
                      "ratio": pladis / dense, "ratio_sdpa": pladis / sdpa})
         print(f"{name} joint attention: with PLADIS {pladis / dense:.2f}x the host's dense call, {pladis / sdpa:.2f}x torch's SDPA", flush=True)

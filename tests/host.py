@@ -19,12 +19,15 @@ _spec.loader.exec_module(comfyui_host)
 class Host:
     """The imported ComfyUI and the pack as its custom-node loader loaded it."""
 
-    def __init__(self, root):
+    def __init__(self, root, **options):
+        """options: ComfyUI's command-line options to set (use_pytorch_cross_attention=True, ...)."""
         sys.path.insert(0, str(root))
         from comfy.cli_args import args
 
         if not torch.cuda.is_available():
             args.cpu = True
+        for name, value in options.items():
+            setattr(args, name, value)
         # Imported before nodes.py puts comfy/ first on sys.path, where comfy/utils.py would
         # hide this package from the extras that import it (as main.py imports it first).
         import utils.install_util  # noqa: F401
