@@ -184,14 +184,15 @@ class PladisOverride:
         # A repeated context counts once, in the dense part too (call.mask is the host's where none is).
         dense_mask = call.dense_mask(mask, q.dtype)
         found = None
-        if call.layout != CROSS and self.earlier is None and func in self.exact:
-            found = attention_and_logsumexp(call.q, call.k, call.v, _four_dimensional(dense_mask), kwargs.get("scale"))
+        if call.layout != CROSS and self.earlier is None:
+            found = _kernel_dense(func, self.exact, call.q, call.k, call.v, _four_dimensional(dense_mask), kwargs.get("scale"))
         if found is None:
             out, row_lse = _dense(self.earlier, func, q, k, v, heads, dict(options, mask=dense_mask)), None
         else:
             out, row_lse = found
             out = out if skip_output_reshape else merge_heads(out)
-        rows, correction = _correction(call, active, dict(self.settings.method(), softmax_scale=kwargs.get("scale")), row_lse)
+        method = dict(self.settings.method(), softmax_scale=kwargs.get("scale"))
+        rows, correction = _correction(call.layout, call.span, call.q, call.k, call.v, call.mask, active, method, row_lse)
         acted()
         batch = slice(None) if active is None else active
         if skip_output_reshape:
@@ -228,19 +229,30 @@ class _Call:
         return _with_keys(_four_dimensional(mask), self.keep, additive=dtype)
 
 
-def _correction(call, active, method, row_lse=None):
-    """(query rows, the correction for them); active: the indices of the samples to correct,
-    None for all; row_lse: each row's log-sum-exp over every key, where the dense pass gave it."""
-    q, k, v, mask = call.q, call.k, call.v, call.mask
+def _kernel_dense(func, exact, q, k, v, mask, scale):
+    """(dense output, each row's log-sum-exp) of a joint call with heads first, from torch's
+    attention kernel, where func, the host's attention for the call, is one of its exact
+    functions: the text mass then needs no second pass over every key. None where func must
+    serve it (an approximate backend such as Sage) or the kernel gives no log-sum-exp."""
+    if getattr(func, "__wrapped__", func) not in exact:
+        return None
+    return attention_and_logsumexp(q, k, v, mask, scale)
+
+
+def _correction(layout, span, q, k, v, mask, active, method, row_lse=None):
+    """(query rows, the correction for them) of a call with heads first; active: the indices
+    of the samples to correct, None for all; row_lse: each row's log-sum-exp over every key,
+    where the dense pass gave it."""
+    batch, queries = q.shape[0], q.shape[-2]
     if active is not None:
         q, k, v = q[active], k[active], v[active]
         row_lse = None if row_lse is None else row_lse[active]
-        if mask is not None and mask.shape[0] == call.q.shape[0]:
+        if mask is not None and mask.shape[0] == batch:
             mask = mask[active]
-    text, rows = call.span
-    if call.layout == CROSS:
+    text, rows = span
+    if layout == CROSS:
         return rows, pladis_residual(q, k, v, mask=mask, **method)
-    if mask is not None and mask.shape[-2] == call.q.shape[-2]:
+    if mask is not None and mask.shape[-2] == queries:
         mask = mask[..., rows, :]
     row_lse = None if row_lse is None else row_lse[..., rows, :]
     return rows, joint_residual(q[..., rows, :], k, v, text, mask=mask, row_lse=row_lse, **method)
@@ -347,16 +359,18 @@ class PladisForward(ForwardPatch):
 
     adapter(module, *args, **kwargs) -> (q, k, v, finish): the module's projections as
     (batch, heads, tokens, dim), and finish(attention output) -> the forward's result.
-    dense_attention: the host's attention on such tensors (joint layouts add the correction to it).
-    Out of the step range, or outside a sampling run, the wrapped forward runs unchanged.
+    dense_attention: the host's attention on such tensors (joint layouts add the correction to
+    it); exact: as for PladisOverride. Out of the step range, or outside a sampling run, the
+    wrapped forward runs unchanged.
     """
 
-    def __init__(self, forward, path, module, adapter, layout, settings, dense_attention):
+    def __init__(self, forward, path, module, adapter, layout, settings, dense_attention, exact=()):
         super().__init__(forward, path, module)
         self.adapter = adapter
         self.layout = layout
         self.settings = settings
         self.dense_attention = dense_attention
+        self.exact = tuple(exact)
 
     def __call__(self, *args, **kwargs):
         evaluation = _EVALUATION.get(None)
@@ -371,12 +385,11 @@ class PladisForward(ForwardPatch):
         if self.layout == CROSS and active is None:
             return finish(pladis_attention(q, k, v, **self.settings.method()))
         # Samples outside the step range keep the host's dense attention.
-        out = self.dense_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
-        text, rows = span
-        batch = slice(None) if active is None else active
-        q, k, v = (q, k, v) if active is None else (q[active], k[active], v[active])
-        if self.layout == CROSS:
-            out[batch] += pladis_residual(q, k, v, **self.settings.method()).to(out.dtype)
+        found = None if self.layout == CROSS else _kernel_dense(self.dense_attention, self.exact, q, k, v, None, None)
+        if found is None:
+            out, row_lse = self.dense_attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True), None
         else:
-            out[batch, :, rows] += joint_residual(q[..., rows, :], k, v, text, **self.settings.method()).to(out.dtype)
+            out, row_lse = found
+        rows, correction = _correction(self.layout, span, q, k, v, None, active, self.settings.method(), row_lse)
+        out[slice(None) if active is None else active, :, rows] += correction.to(out.dtype)
         return finish(out)

@@ -58,7 +58,7 @@ def patch_dit(model, architecture, chosen, settings, what):
     register_dit(
         model, architecture, chosen,
         lambda earlier: PladisOverride(settings, chosen, earlier, EXACT_ATTENTION),
-        lambda forward, path, module: PladisForward(forward, path, module, architecture.adapter, layout, settings, optimized_attention),
+        lambda forward, path, module: PladisForward(forward, path, module, architecture.adapter, layout, settings, optimized_attention, EXACT_ATTENTION),
     )
     _set_wrapper(model, WRAPPERS.CALC_COND_BATCH, DIT_KEY, ContextLengths(architecture.text_cond))
 

@@ -243,6 +243,40 @@ def test_forward_replacement_falls_back_outside_a_run_and_out_of_range():
     assert results[1] == "original"
 
 
+def test_forward_patches_of_joint_attention_take_the_text_mass_from_the_kernel_where_the_host_is_exact(monkeypatch):
+    """Ernie Image's layout: the forward patch, like the override, runs torch's kernel in place
+    of an exact host function and takes each row's text mass from its log-sum-exp; behind any
+    other function, that function serves the dense part and the mass takes a second pass."""
+    attention = loaded().pack_module("pladis_core.attention")
+    second_passes, host_calls = [], []
+    row_logsumexp = attention.row_logsumexp
+    monkeypatch.setattr(attention, "row_logsumexp", lambda *args, **kwargs: second_passes.append(1) or row_logsumexp(*args, **kwargs))
+
+    def exact(*args, **kwargs):
+        host_calls.append(args)
+        return dense(*args, **kwargs)
+
+    q, k, v = qkv()
+    model = torch.nn.Module()
+    model.attn = torch.nn.Module()
+    model.attn.forward = lambda x: pytest.fail("the wrapped forward ran")
+    settings = PladisSettings(2.0, 1.5, sigma_start=5.0, sigma_end=1.0)
+    wrapper = DitEvaluation(JOINT, {KEY}, lambda dm, context, conds: TEXT)
+    results = {}
+    for name, known in (("exact", (exact,)), ("other", ())):
+        patch = PladisForward(model.attn.forward, "attn", model.attn, lambda module, x: (q, k, v, lambda out: out), JOINT, settings, exact, known)
+        run = lambda *a, **kw: results.__setitem__(name, patch(None))  # noqa: E731
+        wrapper(Executor(run, model), None, None, None, torch.zeros(1, TEXT, 4), None, {"sigmas": torch.tensor([3.0, 8.0])})
+        if name == "exact":
+            assert not host_calls and not second_passes
+    assert len(host_calls) == 1 and len(second_passes) == 1
+    ref = joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5)
+    for out in results.values():
+        assert (out[0].double() - ref[0]).abs().max() < 1e-5
+        assert (out[1] - dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)[1]).abs().max() < 1e-5  # out of range
+    assert (results["exact"][0] - dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)[0]).abs().max() > 1e-2
+
+
 def test_an_unknown_text_layout_leaves_the_evaluation_dense_with_one_warning(caplog):
     def unknown(dm, context, conds):
         raise NotImplementedError("a layout nobody knows")
