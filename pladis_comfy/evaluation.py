@@ -55,16 +55,20 @@ def evaluating(sigmas):
 
 
 def samples_in_range(settings, sigmas, batch, device):
-    """StepRange.samples for the evaluation in progress, or for this call alone outside one
-    (a model called outside a sampling run)."""
-    step_range = _CURRENT.get(None) or StepRange(sigmas)
-    return step_range.samples(settings, batch, device)
+    """StepRange.samples at sigmas (see _step_range)."""
+    return _step_range(sigmas).samples(settings, batch, device)
 
 
 def current_sigma(sigmas):
-    """StepRange.sigma for the evaluation in progress, or for this call alone outside one."""
+    """StepRange.sigma at sigmas (see _step_range)."""
+    return _step_range(sigmas).sigma()
+
+
+def _step_range(sigmas):
+    """The evaluation in progress where sigmas are its own; else a StepRange for this call alone
+    (a model called outside a sampling run, or inside another model's evaluation)."""
     step_range = _CURRENT.get(None)
-    return (step_range if step_range is not None and step_range.sigmas is sigmas else StepRange(sigmas)).sigma()
+    return step_range if step_range is not None and step_range.sigmas is sigmas else StepRange(sigmas)
 
 
 def acted():

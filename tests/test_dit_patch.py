@@ -202,6 +202,19 @@ def test_only_samples_in_the_step_range_are_corrected():
     assert torch.allclose(out[1], dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)[1])
 
 
+def test_a_call_at_other_sigmas_than_its_evaluation_takes_the_step_range_at_its_own():
+    """A model called inside another's evaluation (its own sigmas in its options): the step
+    range follows the call's sigmas, not those of the evaluation around it."""
+    q, k, v = qkv()
+    settings = PladisSettings(2.0, 1.5, sigma_start=5.0, sigma_end=1.0)
+    at = lambda sigma: lambda o: o[OVERRIDE_KEY](dense, q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True,  # noqa: E731
+                                                 transformer_options=dict(o, sigmas=torch.tensor([sigma, sigma])))
+    (outside,) = run_in_block(settings, [at(8.0)], sigmas=torch.tensor([3.0, 3.0]))
+    (inside,) = run_in_block(settings, [at(3.0)], sigmas=torch.tensor([8.0, 8.0]))
+    assert (outside - dense(q, k, v, HEADS, skip_reshape=True, skip_output_reshape=True)).abs().max() < 1e-6
+    assert (inside.double() - joint_pladis_ref(q, k, v, slice(0, TEXT), 2.0, 1.5)).abs().max() < 1e-5
+
+
 def test_cross_layout_sharpens_every_key_on_merged_heads():
     q, k, v = qkv(keys=5)
     q = q[:, :, :7]
