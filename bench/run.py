@@ -8,6 +8,7 @@ pass/fail assertion. Results go to bench/results/latest.json and latest.md: a ta
 targets first (met or not), then the tables behind it.
 """
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ PACK = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK / "tests"))
 sys.path.append(str(PACK))
 RESULTS = PACK / "bench" / "results"
+PACKAGE = "pladis_bench_pack"
 
 # (batch, heads, queries, keys, dim_head) of the cross-attention calls, batch 2 = CFG.
 LAYER_SHAPES = {
@@ -238,19 +241,40 @@ def joint_inputs(shape, device):
 
 
 def joint_call(q, k, v, text, method):
-    """One joint-attention call as PLADIS Flux Patch's override makes it where the host's attention
-    is exact ("pladis"): torch's kernel gives the dense output and each row's log-sum-exp, and the
-    correction of the image rows is added; or the host's dense attention alone ("dense")."""
-    from pladis_core.attention import attention_and_logsumexp, joint_residual
+    """One joint-attention call of Flux (text first), heads first: the host's dense attention
+    ("dense"), or through PLADIS Flux Patch's own override in a chosen block of a model
+    evaluation ("pladis"), the host's attention being one of its exact functions."""
+    attention = host_attention()
+    if method == "dense":
+        return attention(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True)
+    dit, settings = pack_module("pladis_comfy.dit"), pack_module("pladis_core.settings").PladisSettings(SCALE, 1.5)
+    block, found = ("double", 0), []
 
-    found = None if method == "dense" else attention_and_logsumexp(q, k, v)
-    if found is None:
-        out, row_lse = host_attention()(q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True), None
-    else:
-        out, row_lse = found[0], found[1][..., text:, :]
-    if method == "pladis":
-        out[..., text:, :] += joint_residual(q[..., text:, :], k, v, slice(0, text), SCALE, 1.5, row_lse=row_lse).to(out.dtype)
-    return out
+    def model_forward(*args, **kwargs):
+        options = args[5]
+        found.append(options[dit.OVERRIDE_KEY](attention, q, k, v, q.shape[1], skip_reshape=True, skip_output_reshape=True,
+                                                transformer_options=options))
+
+    model = torch.nn.Module()
+    model.block = torch.nn.Module()
+    tag = dit.BlockTag(model_forward, "block", model.block, block, dit.TEXT_FIRST)
+    evaluation = dit.DitEvaluation(dit.TEXT_FIRST, {block}, lambda *args: text,
+                                   lambda earlier: dit.PladisOverride(settings, {block}, earlier, (getattr(attention, "__wrapped__", attention),)))
+    executor = lambda *args, **kwargs: tag(*args, **kwargs)  # noqa: E731 - what the host's WrapperExecutor is to the wrapper
+    executor.class_obj = type("Model", (), {"diffusion_model": model})()
+    evaluation(executor, None, None, None, torch.zeros(1, text, 1), None, {"sigmas": torch.ones(q.shape[0])})
+    return found[0]
+
+
+def pack_module(name):
+    """A module of the pack, e.g. "pladis_comfy.dit", imported under one package name as ComfyUI
+    imports the pack, but without the pack's __init__ (the nodes, which need ComfyUI): the glue
+    the bench drives imports none."""
+    if PACKAGE not in sys.modules:
+        package = types.ModuleType(PACKAGE)
+        package.__path__ = [str(PACK)]
+        sys.modules[PACKAGE] = package
+    return importlib.import_module(f"{PACKAGE}.{name}")
 
 
 def bench_joint(device, quick):
@@ -289,7 +313,7 @@ device = torch.device({device!r})
 if {joint!r}:
     q, k, v, text = joint_inputs({shape!r}, device)
     call = lambda: joint_call(q, k, v, text, "dense" if {method!r} == "dense" else "pladis")
-    joint_call(q[..., :text + 8, :], k, v, text, "pladis")  # compile outside the measurement
+    joint_call(*(t[..., :text + 8, :] for t in (q, k, v)), text, "pladis")  # compile outside the measurement
 else:
     q, k, v = inputs({shape!r}, device)
     heads = {shape!r}[1]
