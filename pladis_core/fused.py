@@ -62,8 +62,8 @@ def fused_pladis_weights(z, scale, alpha, family: str, steps: int, residual: boo
     more, still = _newton(x[block], tau[block], beta, family, EXTRA_STEPS)
     tau = tau.index_put((block,), torch.where(moving[block, None], more, tau[block]))
     unsettled = moving.index_put((block,), moving[block] & still)
-    s = (x - tau).clamp_min(0)
-    p = _support_power(s, beta, family) * s
+    s = (x - tau).clamp_min_(0)
+    p = s if family == "sparsemax" else _support_power(s, beta, family) * s
     del s, x
     sparse = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
     del p
@@ -76,9 +76,9 @@ def _newton(x, tau, beta, family, steps):
     || [x - tau]_+ ||_beta = 1 per row of x, from tau (rows, 1), a lower bound of the root."""
     step = torch.zeros_like(tau)
     for _ in range(steps):
-        s = (x - tau).clamp_min(0)
+        s = (x - tau).clamp_min_(0)  # in place on a new tensor: one allocation fewer op by op
         s_pow = _support_power(s, beta, family)
-        norm = _root((s_pow * s).sum(-1, keepdim=True), beta, family)
+        norm = _root((s if family == "sparsemax" else s_pow * s).sum(-1, keepdim=True), beta, family)
         slope = s_pow.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
         step = ((norm - 1.0) * _support_power(norm, beta, family) / slope).clamp_min(0)
         tau = tau + step
@@ -87,8 +87,8 @@ def _newton(x, tau, beta, family, steps):
 
 def _support_power(s, beta, family):
     """s ** (beta - 1) for s >= 0, with 0^0 = 0 so that only the support counts; no pow() where avoidable."""
-    if family == "sparsemax":  # beta = 1
-        return (s > 0).to(s.dtype)
+    if family == "sparsemax":  # beta = 1; sign() rather than a comparison and a conversion, two passes op by op
+        return torch.sign(s)
     if family == "entmax15":  # beta = 2
         return s
     if family.startswith("power"):  # an integer beta: multiplications only
