@@ -24,7 +24,6 @@ import torch.nn.functional as F
 
 PACK = Path(__file__).resolve().parent.parent
 sys.path.append(str(PACK / "tests"))
-sys.path.append(str(PACK))
 RESULTS = PACK / "bench" / "results"
 PACKAGE = "pladis_bench_pack"
 
@@ -208,8 +207,7 @@ def naive_port(q, k, v, alpha):
 
 
 def bench_layers(device, quick):
-    from pladis_core.attention import pladis_attention
-
+    pladis_attention = pack_module("pladis_core.attention").pladis_attention
     optimized_attention = host_attention()
     repeats = 3 if quick else 7
     rows = []
@@ -269,7 +267,8 @@ def joint_call(q, k, v, text, method):
 def pack_module(name):
     """A module of the pack, e.g. "pladis_comfy.dit", imported under one package name as ComfyUI
     imports the pack, but without the pack's __init__ (the nodes, which need ComfyUI): the glue
-    the bench drives imports none."""
+    the bench drives imports none. Every part imports the pack this way, so that one copy of its
+    modules (and of its compiled kernels) serves the whole run."""
     if PACKAGE not in sys.modules:
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(PACK)]
@@ -306,8 +305,8 @@ if {root!r}:
 MEMORY_PROBE = """
 import os, sys, torch
 sys.path.append({pack!r})
-from bench.run import host_attention, inputs, joint_call, joint_inputs
-from pladis_core.attention import pladis_attention
+from bench.run import host_attention, inputs, joint_call, joint_inputs, pack_module
+pladis_attention = pack_module("pladis_core.attention").pladis_attention
 optimized_attention = host_attention()
 device = torch.device({device!r})
 if {joint!r}:
@@ -336,8 +335,7 @@ else:
 def bench_memory(device, quick):
     """Peak extra memory of one call over its inputs, each in a fresh process: the host's dense
     attention, PLADIS compiled, and PLADIS in plain torch (PLADIS_COMPILE=0)."""
-    from pladis_core.attention import DEFAULT_CHUNK_BYTES
-
+    budget = pack_module("pladis_core.attention").DEFAULT_CHUNK_BYTES
     comfy = sys.modules.get("comfy")
     root = str(Path(comfy.__path__[0]).parent) if comfy else None  # the host's attention, where ComfyUI loaded
     env = dict(os.environ, PYTHONPATH=str(PACK), MALLOC_MMAP_THRESHOLD_="65536")
@@ -360,7 +358,7 @@ def bench_memory(device, quick):
             b, h, n, _, d = shape
         output_mib = b * h * n * d * 4 / 2**20
         rows.append({"shape": name, "dense_mib": measured["dense"], "pladis_mib": measured["pladis"], "plain_mib": measured["plain"],
-                     "output_mib": output_mib, "budget_mib": DEFAULT_CHUNK_BYTES / 2**20,
+                     "output_mib": output_mib, "budget_mib": budget / 2**20,
                      "extra_over_dense_mib": max(measured["pladis"], measured["plain"]) - measured["dense"]})
         print(f"{name}: peak dense {measured['dense']:.0f} MiB, PLADIS {measured['pladis']:.0f} MiB, plain torch {measured['plain']:.0f} MiB", flush=True)
     return rows
@@ -428,7 +426,8 @@ def bench_flux_step(host, device, quick):
 COLD_PROBE = """
 import logging, sys, torch
 sys.path.insert(0, {pack!r})
-from pladis_core import attention
+from bench.run import pack_module
+attention = pack_module("pladis_core.attention")
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 device = torch.device({device!r})
 g = torch.Generator().manual_seed(0)
