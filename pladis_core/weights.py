@@ -2,16 +2,17 @@
 
     W = softmax(z) + scale * (entmax_alpha(z) - softmax(z))     (residual: without softmax(z))
 
-The fused function of fused.py is compiled with torch.compile (C++ on the CPU, Triton on
-CUDA) the first time a device type needs it; with PLADIS_COMPILE=0, or where compiling
-failed (no compiler on this machine), the same function runs op by op in plain torch. A
-one-off error while the compiled code runs costs only that call its speed, and an
-out-of-memory error goes to the host as it is.
+On the CPU, alpha 2, 1.5 and 1 + 1/n run in the row kernel of cpu_rows.cpp. Elsewhere (CUDA,
+other alphas, or where that kernel could not be built), the fused function of fused.py is
+compiled with torch.compile (C++ on the CPU, Triton on CUDA) the first time a device type
+needs it. With PLADIS_COMPILE=0, or where compiling failed (no compiler on this machine), the
+same function runs op by op in plain torch. A one-off error while the compiled code runs
+costs only that call its speed, and an out-of-memory error goes to the host as it is.
 
-Neither path asks the host about the data. The rows the fixed Newton steps leave unsettled
-(see fused.py) are redone exactly by the loop of entmax.py at once outside a model
-evaluation; inside one (settled_after), they are only counted on the device, and read once
-when the evaluation ends, so that a GPU never waits for Python within it.
+No path asks the host about the data. The rows that the fixed Newton steps of fused.py
+leave unsettled (the row kernel leaves none) are redone exactly by the loop of entmax.py at
+once outside a model evaluation; inside one (settled_after), they are only counted on the
+device, and read once when the evaluation ends, so that a GPU never waits for Python within it.
 """
 import contextlib
 import contextvars
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+from .cpu_rows import cpu_pladis_weights
 from .entmax import entmax, softmax
 from .fused import family_of, fused_pladis_weights, newton_steps
 from .logs import warn_once
@@ -46,6 +48,8 @@ def pladis_weights(z, scale, alpha, residual=False):
     if scale == 0 or alpha == 1.0:
         return eager_pladis_weights(z, scale, alpha, residual)
     weights, unsettled = _fused_weights(z, scale, alpha, residual)
+    if unsettled is None:
+        return weights
     left_over = _LEFT_OVER.get(None)
     if left_over is not None:
         left_over.add(unsettled)
@@ -55,8 +59,14 @@ def pladis_weights(z, scale, alpha, residual=False):
 
 
 def _fused_weights(z, scale, alpha, residual):
-    """fused_pladis_weights, compiled where that works."""
-    arguments = (z, _scalar(scale, z.dtype, z.device), _scalar(alpha, z.dtype, z.device), family_of(alpha), newton_steps(alpha), residual)
+    """(weights, unsettled rows or None where the kernel runs every row to the end):
+    the CPU's row kernel, else fused_pladis_weights, compiled where that works."""
+    family = family_of(alpha)
+    if z.device.type == "cpu" and acceleration_enabled():
+        found = cpu_pladis_weights(z, scale, alpha, family, residual)
+        if found is not None:
+            return found, None
+    arguments = (z, _scalar(scale, z.dtype, z.device), _scalar(alpha, z.dtype, z.device), family, newton_steps(alpha), residual)
     fused = _fused_for(z.device)
     if fused is not None:
         try:

@@ -303,15 +303,16 @@ def test_pip_install_into_a_clean_venv(installed, tracked):
     dist_info = f"{PACKAGE}-{PROJECT['version']}.dist-info"
     assert top == {PACKAGE, dist_info}, f"the wheel installs more than {PACKAGE}/: {sorted(top)}"
     modules = {f for f in files if f.startswith(f"{PACKAGE}/")}
-    # Every Python module git tracks outside tests/, bench/ and scripts/ ships, and nothing else.
+    # Every Python module (and the CPU kernel's C++ source) git tracks outside tests/, bench/ and
+    # scripts/ ships, and nothing else.
     expected = {
         f"{PACKAGE}/{p}"
         for p in tracked
-        if p.endswith(".py") and (p == "__init__.py" or p.split("/")[0] in ("nodes", "pladis_comfy", "pladis_core"))
+        if p.endswith((".py", ".cpp")) and (p == "__init__.py" or p.split("/")[0] in ("nodes", "pladis_comfy", "pladis_core"))
     }
-    assert f"{PACKAGE}/pladis_core/entmax.py" in expected
+    assert {f"{PACKAGE}/pladis_core/entmax.py", f"{PACKAGE}/pladis_core/cpu_rows.cpp"} <= expected
     assert modules == expected, (
-        f"missing from the wheel (add the package to [tool.setuptools] packages?): {sorted(expected - modules)}; "
+        f"missing from the wheel (add the package to [tool.setuptools] packages, or the file to package-data?): {sorted(expected - modules)}; "
         f"not expected in it: {sorted(modules - expected)}"
     )
 

@@ -1,0 +1,92 @@
+"""cpu_rows.cpp: the CPU's kernel for the PLADIS weights at alpha 2, 1.5 and 1 + 1/n.
+
+Built the first time a process needs it, with the machine's C++ compiler (the one that
+torch.compile needs on the CPU too: $CXX, else c++), into a cache directory that outlives
+restarts ($PLADIS_CACHE_DIR, else ~/.cache/comfyui-pladis), and called through ctypes, which
+lets go of the GIL while it runs. Where it cannot be built (no compiler, no OpenMP), the log
+says so once and torch.compile's kernel (fused.py) serves instead.
+"""
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_rows.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# beta - 1 of the fused.py families that need no exp or log per logit; "general" has no kernel here.
+POWERS = {"sparsemax": 0, "entmax15": 1, **{f"power {n}": n - 1 for n in range(3, 11)}}
+
+_loaded = {}  # "kernel": the C function, or None where it could not be built (once per process)
+
+
+def cpu_pladis_weights(z, scale, alpha, family, residual):
+    """The PLADIS weights of float32 logits z on the CPU, or None where this kernel does not serve."""
+    kernel = _kernel() if family in POWERS else None
+    if kernel is None:
+        return None
+    z = z.contiguous()
+    w = torch.softmax(z, -1)  # the kernel turns it into the weights, in place
+    if z.numel():
+        kernel(z.data_ptr(), w.data_ptr(), z.numel() // z.shape[-1], z.shape[-1], alpha, scale, POWERS[family], residual,
+               torch.get_num_threads())
+    return w
+
+
+def _kernel():
+    if "kernel" not in _loaded:
+        _loaded["kernel"] = _build()
+    return _loaded["kernel"]
+
+
+def _build():
+    compiler = os.environ.get("CXX") or shutil.which("c++")
+    try:
+        if compiler is None:
+            raise FileNotFoundError("no C++ compiler found (install one, or set CXX)")
+        library = cache_dir() / f"cpu_rows-{_key(compiler)}.so"
+        if not library.exists():
+            started = time.perf_counter()
+            library.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+                built = Path(scratch) / library.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True, timeout=600)
+                os.replace(built, library)  # whole or not at all where two servers build at once
+            logging.info(f"PLADIS: built the CPU kernel for alpha 2, 1.5 and 1 + 1/n in {time.perf_counter() - started:.1f} s "
+                         f"({library}; later starts reuse it)")
+        function = ctypes.CDLL(str(library)).pladis_rows
+    except (OSError, subprocess.SubprocessError) as error:
+        logging.warning(f"PLADIS: could not build the CPU kernel for alpha 2, 1.5 and 1 + 1/n; torch.compile's kernel "
+                        f"serves instead (slower): {getattr(error, 'stderr', None) or error}")
+        return None
+    function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
+                         ctypes.c_int, ctypes.c_bool, ctypes.c_int)
+    function.restype = None
+    return function
+
+
+def cache_dir():
+    if os.environ.get("PLADIS_CACHE_DIR"):
+        return Path(os.environ["PLADIS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfyui-pladis"
+
+
+def _key(compiler):
+    """Changes with the source, the flags, the compiler and the CPU (-march=native): a library
+    built for another CPU (a home directory shared between machines) is never loaded."""
+    return hashlib.sha256(repr((SOURCE.read_bytes(), FLAGS, compiler, _cpu())).encode()).hexdigest()[:16]
+
+
+def _cpu():
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line for line in info if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
