@@ -1,104 +1,156 @@
-// PLADIS weights on the CPU for alpha = 2, 1.5 and 1 + 1/n (1.25, 1.2, ...), row by row:
+// PLADIS weights on the CPU, row by row:
 //
 //     W = dense + scale * (entmax_alpha(z) - dense)      (residual: scale * (entmax_alpha(z) - dense))
 //
 // The Newton iteration of entmax.py, from the same lower bound, on one row at a time while it
-// sits in the cache: torch.compile's C++ code runs each sum of the iteration as its own loop over
-// every row of the chunk, which costs 2-4 times the host's dense attention at 77 keys. Each row
-// stops when its own threshold stops moving, as in entmax.py, so no row is left unsettled.
-// cpu_rows.py builds this file with the machine's C++ compiler (-O3 -march=native -fopenmp).
+// sits in the cache. Newton from the left only raises tau, so a key that drops out of the support
+// never comes back: each step works on the keys still above tau alone, usually a few of 77.
+// torch.compile's C++ code instead runs each sum of the iteration as its own pass over every key
+// of every row of the chunk. Each row stops when its own tau stops moving, as in entmax.py, so
+// no row is left unsettled. cpu_rows.py builds this file with the machine's C++ compiler.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace {
 
 constexpr int MAX_NEWTON_STEPS = 50;  // as entmax.py
 constexpr float TINY = 1.17549435e-38f;
+constexpr int GENERAL = -1;  // alpha without an integer beta: s^(beta - 1) by exp2 and log2
 
-// s^P for s >= 0, with 0^0 = 0 so that only the support counts (P = beta - 1, beta = 1 / (alpha - 1)).
+// log2(s) for s >= 1e-30, to double: its product with the exponent is rounded once, in exp2.
+inline double log2_positive(float s) {
+  uint32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  const uint32_t mantissa_bits = (bits & 0x7fffffu) | 0x3f800000u;
+  float m;  // s = m 2^k, m in [1, 2), then [sqrt(1/2), sqrt(2))
+  std::memcpy(&m, &mantissa_bits, sizeof m);
+  float k = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  k = high ? k + 1.f : k;
+  // ln m = 2 atanh(t), t = (m - 1) / (m + 1), |t| <= 0.172: the series to t^9 is exact to float.
+  const float t = (m - 1.f) / (m + 1.f), t2 = t * t;
+  const float ln_m = t * (2.f + t2 * (2.f / 3 + t2 * (2.f / 5 + t2 * (2.f / 7 + t2 * (2.f / 9)))));
+  return static_cast<double>(k) + static_cast<double>(ln_m) * 1.4426950408889634;
+}
+
+// 2^y, and 0 below 2^-126.
+inline float exp2_of(double y) {
+  const double n = std::floor(y + 0.5);
+  const float f = static_cast<float>(y - n) * 0.693147181f;  // |f| <= ln(2) / 2: Taylor to f^7 is exact to float
+  const float e_f = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720 + f * (1.f / 5040)))))));
+  const int32_t biased = static_cast<int32_t>(n) + 127;
+  const uint32_t bits = static_cast<uint32_t>(biased > 0 ? biased : 0) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y < -126.0 ? 0.f : e_f * two_n;
+}
+
+// s^(beta - 1) for s >= 0, with 0^0 = 0 so that only the support counts. P = beta - 1 where beta
+// is an integer (multiplications only), else GENERAL with the exponent given.
 template <int P>
-inline float support_power(float s) {
+inline float support_power(float s, float exponent) {
+  if (P == GENERAL) {
+    const float v = exp2_of(exponent * log2_positive(s > 1e-30f ? s : 1e-30f));
+    return s > 0.f ? v : 0.f;
+  }
   float r = s > 0.f ? 1.f : 0.f;
   for (int i = 0; i < P; ++i) r *= s;
   return r;
 }
 
-// a^(1 / beta), by square roots where beta allows.
+// a^(1 / beta) for a >= 0, by square roots where beta allows.
 template <int P>
-inline float root(float a) {
+inline float root(float a, float beta) {
   if (P == 0) return a;
   if (P == 1) return std::sqrt(a);
   if (P == 3) return std::sqrt(std::sqrt(a));
   if (P == 7) return std::sqrt(std::sqrt(std::sqrt(a)));
-  return std::pow(a, 1.f / (P + 1));
+  const float v = exp2_of(log2_positive(a > 1e-30f ? a : 1e-30f) / beta);
+  return a > 0.f ? v : 0.f;
 }
 
+// xs, at: scratch of keys entries for the x still above tau, and their keys.
 template <int P>
-void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* x) {
-  float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-  for (int64_t j = 0; j < keys; ++j) top = std::max(top, z[j]);
+void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* xs, int64_t* at) {
+  const float beta = 1.f / (alpha - 1.f), exponent = beta - 1.f;
+  float top = -INFINITY, total = 0.f, finite = 0.f;
+#pragma omp simd reduction(max : top) reduction(+ : total, finite)
+  for (int64_t j = 0; j < keys; ++j) {
+    top = std::max(top, z[j]);
+    const bool seen = z[j] > -INFINITY;
+    total += seen ? z[j] : 0.f;
+    finite += seen ? 1.f : 0.f;
+  }
   if (top == -INFINITY) {  // every key masked: zeros (the softmax given in w is NaN there)
     std::fill(w, w + keys, 0.f);
     return;
   }
-  // x = (alpha - 1)(z - max z), and entmax.threshold_lower_bound: mean(x) - d^(-1/beta) over the d finite keys, or -1.
-  float total = 0.f, finite = 0.f;
-#pragma omp simd reduction(+ : total, finite)
-  for (int64_t j = 0; j < keys; ++j) {
-    x[j] = (alpha - 1.f) * (z[j] - top);
-    const bool seen = x[j] > -INFINITY;
-    total += seen ? x[j] : 0.f;
-    finite += seen ? 1.f : 0.f;
+  // x = (alpha - 1)(z - max z); entmax.threshold_lower_bound: mean(x) - d^(-1/beta) over the d finite keys, or -1.
+  float tau = std::max((alpha - 1.f) * (total / finite - top) - 1.f / root<P>(finite, beta), -1.f);
+  int64_t live = 0;
+  for (int64_t j = 0; j < keys; ++j) {  // without branches: a mispredicted one per key costs more than the rest
+    const float x = (alpha - 1.f) * (z[j] - top);
+    xs[live] = x;
+    at[live] = j;
+    live += x > tau;
   }
-  float tau = std::max(total / finite - 1.f / root<P>(finite), -1.f);
   // Newton on || [x - tau]_+ ||_beta = 1, from the left: it never overshoots (entmax.py).
   for (int step = 0; step < MAX_NEWTON_STEPS; ++step) {
     float mass = 0.f, slope = 0.f;
 #pragma omp simd reduction(+ : mass, slope)
-    for (int64_t j = 0; j < keys; ++j) {
-      const float s = std::max(x[j] - tau, 0.f);
-      const float s_pow = support_power<P>(s);
+    for (int64_t i = 0; i < live; ++i) {
+      const float s = std::max(xs[i] - tau, 0.f);
+      const float s_pow = support_power<P>(s, exponent);
       mass += s_pow * s;
       slope += s_pow;
     }
-    const float norm = root<P>(mass);
-    const float moved = tau + std::max((norm - 1.f) * support_power<P>(norm) / std::max(slope, TINY), 0.f);
+    const float norm = root<P>(mass, beta);
+    const float moved = tau + std::max((norm - 1.f) * support_power<P>(norm, exponent) / std::max(slope, TINY), 0.f);
     if (!(moved > tau)) break;
     tau = moved;
+    int64_t kept = 0;
+    for (int64_t i = 0; i < live; ++i) {
+      const float x = xs[i];
+      xs[kept] = x;
+      at[kept] = at[i];
+      kept += x > tau;
+    }
+    live = kept;
   }
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < keys; ++j) {
-    const float s = std::max(x[j] - tau, 0.f);
-    x[j] = support_power<P>(s) * s;
-    sum += x[j];
+  for (int64_t i = 0; i < live; ++i) {
+    const float s = std::max(xs[i] - tau, 0.f);
+    xs[i] = support_power<P>(s, exponent) * s;
+    sum += xs[i];
   }
-  const float inv = 1.f / std::max(sum, TINY);
+  // dense + scale * (sparse - dense): (1 - scale) dense everywhere, then scale * sparse on the support.
+  const float keep = residual ? -scale : 1.f - scale, add = scale / std::max(sum, TINY);
 #pragma omp simd
-  for (int64_t j = 0; j < keys; ++j) {
-    const float correction = scale * (x[j] * inv - w[j]);
-    w[j] = residual ? correction : w[j] + correction;
-  }
+  for (int64_t j = 0; j < keys; ++j) w[j] *= keep;
+  for (int64_t i = 0; i < live; ++i) w[at[i]] += add * xs[i];
 }
 
 template <int P>
 void rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, bool residual, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    float* x = new float[keys];
+    std::vector<float> xs(keys);
+    std::vector<int64_t> at(keys);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < count; ++r) row<P>(z + r * keys, w + r * keys, keys, alpha, scale, residual, x);
-    delete[] x;
+    for (int64_t r = 0; r < count; ++r) row<P>(z + r * keys, w + r * keys, keys, alpha, scale, residual, xs.data(), at.data());
   }
 }
 
 }  // namespace
 
 // z: float32 logits, count rows of keys, contiguous. w: the same layout, softmax(z) on entry and
-// the weights on return. power = beta - 1 = 1 / (alpha - 1) - 1, from 0 (sparsemax) to 9
-// (cpu_rows.POWERS).
+// the weights on return. power = beta - 1 = 1 / (alpha - 1) - 1 where that is an integer from 0
+// (sparsemax) to 9, else -1 (cpu_rows.POWERS).
 extern "C" void pladis_rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, int power,
                             bool residual, int threads) {
   switch (power) {
@@ -112,5 +164,6 @@ extern "C" void pladis_rows(const float* z, float* w, int64_t count, int64_t key
     case 7: return rows<7>(z, w, count, keys, alpha, scale, residual, threads);
     case 8: return rows<8>(z, w, count, keys, alpha, scale, residual, threads);
     case 9: return rows<9>(z, w, count, keys, alpha, scale, residual, threads);
+    default: return rows<GENERAL>(z, w, count, keys, alpha, scale, residual, threads);
   }
 }

@@ -137,6 +137,7 @@ def test_scale_zero_does_no_entmax_work(monkeypatch):
         raise AssertionError("entmax called")
 
     monkeypatch.setattr(weights, "entmax", fail)
+    monkeypatch.setattr(weights, "cpu_pladis_weights", fail)
     monkeypatch.setattr(weights, "_fused_for", fail)
     q, k, v = qkv()
     assert torch.allclose(pladis_attention(q, k, v, 0.0, 1.5), pladis_ref(q, k, v, 0.0, 1.5).float(), atol=1e-6)
@@ -238,6 +239,7 @@ def test_a_compiler_that_fails_switches_to_plain_torch_for_good(tmp_path):
         "from pladis_core import attention, weights\n"
         "from reference import pladis_ref\n"
         "config.cpp.cxx = ('no-such-compiler',)\n"
+        "from pladis_core import cpu_rows; cpu_rows._loaded['kernel'] = None  # torch.compile's kernel, not the row kernel\n"
         "logging.basicConfig(level=logging.WARNING)\n"
         "g = torch.Generator().manual_seed(0)\n"
         "q, k, v = (torch.randn(1, 2, n, 8, generator=g) * 2 for n in (9, 7, 7))\n"
@@ -253,16 +255,16 @@ def test_a_compiler_that_fails_switches_to_plain_torch_for_good(tmp_path):
 
 def test_each_compile_is_logged_once_with_its_duration(tmp_path):
     """In a fresh process: the first call of an alpha kind compiles and says how long it took;
-    the same kind again, or another shape, compiles nothing and says nothing. (Alphas of no
-    integer beta: the CPU's row kernel serves the others, tests/test_cpu_rows.py.)"""
+    the same kind again, or another shape, compiles nothing and says nothing."""
     script = tmp_path / "compile_log.py"
     script.write_text(
         "import logging, sys, torch\n"
         f"sys.path.insert(0, {str(PACK)!r})\n"
-        "from pladis_core import attention\n"
+        "from pladis_core import attention, cpu_rows\n"
+        "cpu_rows._loaded['kernel'] = None  # torch.compile's kernel, not the row kernel\n"
         "logging.basicConfig(level=logging.INFO)\n"
         "g = torch.Generator().manual_seed(0)\n"
-        "for alpha, n in ((1.75, 7), (1.75, 7), (1.75, 19), (1.55, 7)):\n"
+        "for alpha, n in ((1.5, 7), (1.5, 7), (1.5, 19), (2.0, 7)):\n"
         "    q, k, v = (torch.randn(1, 2, m, 8, generator=g) for m in (n + 2, n, n))\n"
         "    attention.pladis_attention(q, k, v, 2.0, alpha)\n"
     )
@@ -270,11 +272,12 @@ def test_each_compile_is_logged_once_with_its_duration(tmp_path):
                           env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = re.findall(r"PLADIS: compiled the fused entmax kernel for cpu \(alpha ([\d.]+)\) in ([\d.]+) s", done.stderr)
-    assert [alpha for alpha, _ in lines] == ["1.75", "1.55"], done.stderr[-3000:]
+    assert [alpha for alpha, _ in lines] == ["1.5", "2.0"], done.stderr[-3000:]
     assert all(float(seconds) > 0 for _, seconds in lines)
 
 
 def test_a_one_off_error_of_the_compiled_kernel_keeps_it(monkeypatch, caplog):
+    monkeypatch.setitem(cpu_rows._loaded, "kernel", None)  # torch.compile's kernel, as CUDA runs it
     calls = []
     compiled = weights._fused_for(torch.device("cpu"))
 
@@ -294,6 +297,8 @@ def test_a_one_off_error_of_the_compiled_kernel_keeps_it(monkeypatch, caplog):
 
 
 def test_running_out_of_memory_reaches_the_host_and_keeps_the_kernel(monkeypatch):
+    monkeypatch.setitem(cpu_rows._loaded, "kernel", None)  # torch.compile's kernel, as CUDA runs it
+
     def exhausted(*args):
         raise torch.OutOfMemoryError("out of memory")
 
