@@ -62,8 +62,8 @@ def _fused_weights(z, scale, alpha, residual):
     """(weights, unsettled rows or None where the kernel runs every row to the end):
     the CPU's row kernel, else fused_pladis_weights, compiled where that works."""
     family = family_of(alpha)
-    if z.device.type == "cpu" and acceleration_enabled():
-        found = cpu_pladis_weights(z, scale, alpha, family, residual)
+    if acceleration_enabled():
+        found = cpu_pladis_weights(z, scale, alpha, family, residual)  # None off the CPU
         if found is not None:
             return found, None
     arguments = (z, _scalar(scale, z.dtype, z.device), _scalar(alpha, z.dtype, z.device), family, newton_steps(alpha), residual)

@@ -52,6 +52,10 @@ def test_it_serves_every_alpha_on_the_cpu(monkeypatch):
             assert (pladis_weights(z, 2.0, alpha, residual).double() - weights_ref(z, 2.0, alpha, residual)).abs().max() < 2e-6
 
 
+def test_it_takes_float32_only():
+    assert cpu_rows.cpu_pladis_weights(logits(4, 77, 3.0).double(), 2.0, 1.5, "entmax15", False) is None
+
+
 def test_rows_are_independent_of_the_thread_count():
     z = logits(999, 77, 3.0)
     threads = torch.get_num_threads()
