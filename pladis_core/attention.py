@@ -63,7 +63,7 @@ def _joint_weights(z_text, row_lse, scale, alpha):
     log_mass = torch.logsumexp(z_text, -1, keepdim=True) - row_lse
     # A row without a visible text key has no mass there (and -inf - -inf would be nan).
     mass = torch.where(torch.isfinite(log_mass), log_mass.exp(), 0.0)
-    return mass * pladis_weights(z_text, scale, alpha, residual=True)
+    return pladis_weights(z_text, scale, alpha, residual=True).mul_(mass)  # a new tensor: in place saves a copy
 
 
 def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):

@@ -37,16 +37,30 @@ inline double log2_positive(float s) {
   return static_cast<double>(k) + static_cast<double>(ln_m) * 1.4426950408889634;
 }
 
-// 2^y, and 0 below 2^-126.
-inline float exp2_of(double y) {
-  const double n = std::floor(y + 0.5);
-  const float f = static_cast<float>(y - n) * 0.693147181f;  // |f| <= ln(2) / 2: Taylor to f^7 is exact to float
+// 2^(n + f) for an integer n and |f| <= 1/2: e^(f ln 2) by Taylor to f^7, exact to float, times
+// 2^n from its exponent bits; 0 below 2^-126.
+inline float exp2_parts(float n, float f) {
+  f *= 0.693147181f;
   const float e_f = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720 + f * (1.f / 5040)))))));
   const int32_t biased = static_cast<int32_t>(n) + 127;
   const uint32_t bits = static_cast<uint32_t>(biased > 0 ? biased : 0) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return y < -126.0 ? 0.f : e_f * two_n;
+  return n < -126.f ? 0.f : e_f * two_n;
+}
+
+// 2^y. Clamped first, so that -inf and large y convert to int defined.
+inline float exp2_of(float y) {
+  y = std::min(std::max(y, -127.f), 127.f);
+  const float n = std::floor(y + 0.5f);
+  return exp2_parts(n, y - n);
+}
+
+// The same for a y in double (a product with log2_positive, rounded once here).
+inline float exp2_of(double y) {
+  y = std::min(std::max(y, -127.0), 127.0);
+  const double n = std::floor(y + 0.5);
+  return exp2_parts(static_cast<float>(n), static_cast<float>(y - n));
 }
 
 // s^(beta - 1) for s >= 0, with 0^0 = 0 so that only the support counts. P = beta - 1 where beta
@@ -85,9 +99,15 @@ void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool 
     total += seen ? z[j] : 0.f;
     finite += seen ? 1.f : 0.f;
   }
-  if (top == -INFINITY) {  // every key masked: zeros (the softmax given in w is NaN there)
+  if (top == -INFINITY) {  // every key masked: zeros
     std::fill(w, w + keys, 0.f);
     return;
+  }
+  float dense_sum = 0.f;  // the softmax, unnormalised, in w
+#pragma omp simd reduction(+ : dense_sum)
+  for (int64_t j = 0; j < keys; ++j) {
+    w[j] = exp2_of((z[j] - top) * 1.44269504f);
+    dense_sum += w[j];
   }
   // x = (alpha - 1)(z - max z); entmax.threshold_lower_bound: mean(x) - d^(-1/beta) over the d finite keys, or -1.
   float tau = std::max((alpha - 1.f) * (total / finite - top) - 1.f / root<P>(finite, beta), -1.f);
@@ -129,7 +149,7 @@ void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool 
     sum += xs[i];
   }
   // dense + scale * (sparse - dense): (1 - scale) dense everywhere, then scale * sparse on the support.
-  const float keep = residual ? -scale : 1.f - scale, add = scale / std::max(sum, TINY);
+  const float keep = (residual ? -scale : 1.f - scale) / dense_sum, add = scale / std::max(sum, TINY);
 #pragma omp simd
   for (int64_t j = 0; j < keys; ++j) w[j] *= keep;
   for (int64_t i = 0; i < live; ++i) w[at[i]] += add * xs[i];
@@ -148,9 +168,9 @@ void rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, fl
 
 }  // namespace
 
-// z: float32 logits, count rows of keys, contiguous. w: the same layout, softmax(z) on entry and
-// the weights on return. power = beta - 1 = 1 / (alpha - 1) - 1 where that is an integer from 0
-// (sparsemax) to 9, else -1 (cpu_rows.POWERS).
+// z: float32 logits, count rows of keys, contiguous; w: the weights, in the same layout.
+// power = beta - 1 = 1 / (alpha - 1) - 1 where that is an integer from 0 (sparsemax) to 9, else -1
+// (cpu_rows.POWERS).
 extern "C" void pladis_rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, int power,
                             bool residual, int threads) {
   switch (power) {
