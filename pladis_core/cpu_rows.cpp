@@ -128,8 +128,8 @@ void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool 
       mass += s_pow * s;
       slope += s_pow;
     }
-    const float norm = root<P>(mass, beta);
-    const float moved = tau + std::max((norm - 1.f) * support_power<P>(norm, exponent) / std::max(slope, TINY), 0.f);
+    const float norm = root<P>(mass, beta);  // and norm^(beta - 1) = mass / norm: no power of it
+    const float moved = tau + std::max((norm - 1.f) * (mass / std::max(norm, TINY)) / std::max(slope, TINY), 0.f);
     if (!(moved > tau)) break;
     tau = moved;
     int64_t kept = 0;

@@ -2,10 +2,9 @@
 
     W = softmax(z) + scale * (entmax_alpha(z) - softmax(z))     (residual: without softmax(z))
 
-On the CPU, alpha 2, 1.5 and 1 + 1/n run in the row kernel of cpu_rows.cpp. Elsewhere (CUDA,
-other alphas, or where that kernel could not be built), the fused function of fused.py is
-compiled with torch.compile (C++ on the CPU, Triton on CUDA) the first time a device type
-needs it. With PLADIS_COMPILE=0, or where compiling failed (no compiler on this machine), the
+On the CPU they run in the row kernel of cpu_rows.cpp. Elsewhere (CUDA, or a CPU where that
+kernel could not be built), the fused function of fused.py is compiled with torch.compile
+(Triton on CUDA, C++ on the CPU) the first time a device type needs it. With PLADIS_COMPILE=0, or where compiling failed (no compiler on this machine), the
 same function runs op by op in plain torch. A one-off error while the compiled code runs
 costs only that call its speed, and an out-of-memory error goes to the host as it is.
 
