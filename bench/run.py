@@ -456,7 +456,7 @@ def bench_cold_start(device):
                 raise RuntimeError(out.stderr[-2000:])
             found = [(kernel.format(*m.groups()[:-1]), float(m.groups()[-1])) for pattern, kernel in pauses.items()
                      for m in re.finditer(pattern, out.stderr)]
-            rows += [{"start": start, "kernel": kernel, "seconds": seconds} for kernel, seconds in found]
+            rows += [{"start": start, "kernel": kernel, "seconds": seconds} for kernel, seconds in found or [("nothing built or compiled", 0.0)]]
             print(f"{start}: " + (", ".join(f"{kernel} {seconds} s" for kernel, seconds in found) or "no pause"), flush=True)
     return rows
 
