@@ -53,7 +53,7 @@ def _build():
     try:
         if compiler is None:
             raise FileNotFoundError("no C++ compiler found (install one, or set CXX)")
-        library = cache_dir() / f"cpu_rows-{_key(compiler)}.so"
+        library = _cache_dir() / f"cpu_rows-{_key(compiler)}.so"
         if not library.exists():
             started = time.perf_counter()
             library.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ def _build():
     return function
 
 
-def cache_dir():
+def _cache_dir():
     if os.environ.get("PLADIS_CACHE_DIR"):
         return Path(os.environ["PLADIS_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfyui-pladis"

@@ -15,9 +15,10 @@ from pladis_core.weights import pladis_weights
 from reference import entmax_ref
 
 PACK = Path(__file__).resolve().parent.parent
-# Every power the kernel has: 0 (sparsemax), 1 (entmax15), 2 to 9 (3 and 7 with square roots), and
-# alphas of no integer beta (exp2 and log2 of its own), from near softmax to near sparsemax.
-KERNEL_ALPHAS = [2.0, 1.5, 1 + 1 / 3, 1.25, 1.2, 1 + 1 / 6, 1 + 1 / 7, 1.125, 1.1, 1.05, 1.35, 1.55, 1.75, 1.95]
+# Every power beta - 1 the kernel has: 0 (sparsemax), 1 (entmax15), 2 to 9 (3 and 7 take their
+# roots by square roots), and alphas of no integer beta (its own exp2 and log2), from near softmax
+# to near sparsemax.
+KERNEL_ALPHAS = [2.0, 1.5, 1 + 1 / 3, 1.25, 1.2, 1 + 1 / 6, 1 + 1 / 7, 1.125, 1 + 1 / 9, 1.1, 1.05, 1.35, 1.55, 1.75, 1.95]
 
 
 def weights_ref(z, scale, alpha, residual):
@@ -54,6 +55,12 @@ def test_it_serves_every_alpha_on_the_cpu(monkeypatch):
 
 def test_it_takes_float32_only():
     assert cpu_rows.cpu_pladis_weights(logits(4, 77, 3.0).double(), 2.0, 1.5, "entmax15", False) is None
+
+
+def test_logits_that_are_a_strided_view_give_their_own_weights():
+    z = logits(77, 40, 3.0).t()  # rows of 77 keys, not contiguous
+    found = cpu_rows.cpu_pladis_weights(z, 2.0, 1.5, "entmax15", False)
+    assert (found.double() - weights_ref(z, 2.0, 1.5, False)).abs().max() < 2e-6
 
 
 def test_rows_are_independent_of_the_thread_count():

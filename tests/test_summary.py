@@ -3,7 +3,6 @@ import logging
 import re
 
 import pytest
-import torch
 
 from host_dits import build_dit, sample_dit
 from host_models import build_unet, sample

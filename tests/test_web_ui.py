@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from browser import MISSING_NODES_TEXT, Browser, BrowserError, seed_settings
+from browser import MISSING_NODES_TEXT, Browser, seed_settings
 from host import comfyui_host
 from comfy_server import ServerError, comfyui_server
 from test_workflows import GAP, newer_than_host
