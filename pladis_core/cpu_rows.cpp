@@ -91,26 +91,26 @@ inline float root(float a, float beta) {
 template <int P>
 void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* xs, int64_t* at) {
   const float beta = 1.f / (alpha - 1.f), exponent = beta - 1.f;
-  float top = -INFINITY, total = 0.f, finite = 0.f;
-#pragma omp simd reduction(max : top) reduction(+ : total, finite)
-  for (int64_t j = 0; j < keys; ++j) {
-    top = std::max(top, z[j]);
-    const bool seen = z[j] > -INFINITY;
-    total += seen ? z[j] : 0.f;
-    finite += seen ? 1.f : 0.f;
-  }
+  float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+  for (int64_t j = 0; j < keys; ++j) top = std::max(top, z[j]);
   if (top == -INFINITY) {  // every key masked: zeros
     std::fill(w, w + keys, 0.f);
     return;
   }
-  float dense_sum = 0.f;  // the softmax, unnormalised, in w
-#pragma omp simd reduction(+ : dense_sum)
+  // The softmax, unnormalised, in w; and for entmax.threshold_lower_bound, the sum of x + 1
+  // over the keys with x = (alpha - 1)(z - max z) above -1, and their count.
+  float dense_sum = 0.f, above = 0.f, inside = 0.f;
+#pragma omp simd reduction(+ : dense_sum, above, inside)
   for (int64_t j = 0; j < keys; ++j) {
     w[j] = exp2_of((z[j] - top) * 1.44269504f);
     dense_sum += w[j];
+    const float lifted = std::max((alpha - 1.f) * (z[j] - top) + 1.f, 0.f);
+    above += lifted;
+    inside += lifted > 0.f ? 1.f : 0.f;
   }
-  // x = (alpha - 1)(z - max z); entmax.threshold_lower_bound: mean(x) - d^(-1/beta) over the d finite keys, or -1.
-  float tau = std::max((alpha - 1.f) * (total / finite - top) - 1.f / root<P>(finite, beta), -1.f);
+  // mean(x) - d^(-1/beta) over those d keys (the maximum among them), or -1.
+  float tau = std::max(above / inside - 1.f - 1.f / root<P>(inside, beta), -1.f);
   int64_t live = 0;
   for (int64_t j = 0; j < keys; ++j) {  // without branches: a mispredicted one per key costs more than the rest
     const float x = (alpha - 1.f) * (z[j] - top);

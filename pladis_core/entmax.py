@@ -61,14 +61,16 @@ def entmax_threshold(x, beta, dim=-1):
 def threshold_lower_bound(x, beta, dim=-1):
     """A tau at or below the root, for x shifted so that max x = 0: the larger of two bounds.
 
-    The maximum alone gives -1. And as [y]_+^beta is convex, sum_i [x_i - tau]_+^beta >=
-    d [mean(x) - tau]_+^beta over the d finite keys, so the root is >= mean(x) - d^(-1/beta):
-    close to it on flat rows of many keys, where Newton from -1 needs the most steps.
+    The maximum alone gives -1. And the keys above -1 alone (S, d of them) reach the sum 1 at
+    a tau no larger than the root; as [y]_+^beta is convex, sum_S [x_i - tau]_+^beta >=
+    d [mean_S(x) - tau]_+^beta, so the root is >= mean_S(x) - d^(-1/beta): close to it on flat
+    rows of many keys, where Newton from -1 needs the most steps. Leaving out the keys at or
+    below -1 (masked ones too) can only raise it where it is above -1.
     """
-    finite = torch.isfinite(x)
-    d = finite.sum(dim, keepdim=True).clamp_min(1).to(x.dtype)
-    mean = torch.where(finite, x, 0.0).sum(dim, keepdim=True) / d
-    return torch.maximum(mean - d ** (-1.0 / beta), torch.full_like(mean, -1.0))
+    above = (x + 1.0).clamp_min_(0)  # x + 1 on S, 0 elsewhere: four passes over x in all
+    total = above.sum(dim, keepdim=True)
+    d = above.sign_().sum(dim, keepdim=True).clamp_min(1.0)
+    return torch.maximum(total / d - 1.0 - d ** (-1.0 / beta), torch.full_like(d, -1.0))
 
 
 def _clamped_power(s, exponent):

@@ -47,14 +47,16 @@ def fused_pladis_weights(z, scale, alpha, family: str, steps: int, residual: boo
     unsettled: bool, z's shape without its last dimension: rows whose tau may still be off.
     scale and alpha are 0-d tensors: with Python floats torch.compile (2.14) reused a graph
     built for one alpha for another and returned wrong maps.
+    Op by op (plain torch), every pass over the chunk counts: new buffers are few and freed
+    early (the peak stays within the chunk budget), and the rest is done in place.
     """
+    tiny = torch.finfo(z.dtype).tiny
     rows = z.reshape(-1, z.shape[-1])
     m = rows.amax(-1, keepdim=True)
-    shifted = rows - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(shifted)
-    dense = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
-    x = (alpha - 1.0) * shifted
-    del e, shifted  # op by op (plain torch), each buffer freed early keeps the peak within the chunk budget
+    x = rows - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x)  # the softmax, unnormalised
+    e_sum = e.sum(-1, keepdim=True).clamp_min(tiny)
+    x.mul_(alpha - 1.0)
     beta = 1.0 / (alpha - 1.0)
     tau, moving = _newton(x, threshold_lower_bound(x, beta), beta, family, steps)
     # The rows still moving first, found on the device (top-k of the flags), not counted on the host.
@@ -62,39 +64,57 @@ def fused_pladis_weights(z, scale, alpha, family: str, steps: int, residual: boo
     more, still = _newton(x[block], tau[block], beta, family, EXTRA_STEPS)
     tau = tau.index_put((block,), torch.where(moving[block, None], more, tau[block]))
     unsettled = moving.index_put((block,), moving[block] & still)
-    s = (x - tau).clamp_min_(0)
-    p = s if family == "sparsemax" else _support_power(s, beta, family) * s
+    s = x.sub_(tau).clamp_min_(0)
+    p = _beta_power(s, beta, family)
     del s, x
-    sparse = p / p.sum(-1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
-    del p
-    weights = (sparse - dense) * scale if residual else torch.lerp(dense, sparse, scale)
+    # dense + scale * (sparse - dense) = (1 - scale) dense + scale sparse, from the unnormalised maps.
+    keep = (-scale if residual else 1.0 - scale) / e_sum
+    weights = e.mul_(keep).addcmul_(p, scale / p.sum(-1, keepdim=True).clamp_min(tiny))
     return weights.view(z.shape), unsettled.view(z.shape[:-1])
 
 
 def _newton(x, tau, beta, family, steps):
     """(tau, whether its last step moved it by more than SETTLED): steps Newton steps on
     || [x - tau]_+ ||_beta = 1 per row of x, from tau (rows, 1), a lower bound of the root."""
+    tiny = torch.finfo(x.dtype).tiny
     step = torch.zeros_like(tau)
     for _ in range(steps):
-        s = (x - tau).clamp_min_(0)  # in place on a new tensor: one allocation fewer op by op
-        s_pow = _support_power(s, beta, family)
-        norm = _root((s if family == "sparsemax" else s_pow * s).sum(-1, keepdim=True), beta, family)
-        slope = s_pow.sum(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
-        step = ((norm - 1.0) * _support_power(norm, beta, family) / slope).clamp_min(0)
+        mass, slope = _power_sums((x - tau).clamp_min_(0), beta, family)
+        norm = _root(mass, beta, family)
+        # (norm - 1) norm^(beta - 1) / slope, with norm^(beta - 1) = mass / norm: no power of it.
+        step = ((norm - 1.0) * mass / (norm * slope).clamp_min(tiny)).clamp_min_(0)
         tau = tau + step
     return tau, (step > SETTLED).squeeze(-1)
 
 
-def _support_power(s, beta, family):
-    """s ** (beta - 1) for s >= 0, with 0^0 = 0 so that only the support counts; no pow() where avoidable."""
-    if family == "sparsemax":  # beta = 1; sign() rather than a comparison and a conversion, two passes op by op
-        return torch.sign(s)
+def _power_sums(s, beta, family):
+    """(sum s^beta, sum s^(beta - 1)) per row of s >= 0 (0^0 = 0), s overwritten: each pass
+    over the chunk counts op by op, so a fused norm or an in-place product where one serves."""
+    if family == "sparsemax":  # beta = 1; sign() rather than a comparison and a conversion
+        return s.sum(-1, keepdim=True), s.sign_().sum(-1, keepdim=True)
     if family == "entmax15":  # beta = 2
+        return torch.linalg.vector_norm(s, 2, -1, keepdim=True).square(), s.sum(-1, keepdim=True)
+    s_pow = _support_power(s, beta, family)
+    slope = s_pow.sum(-1, keepdim=True)
+    return s_pow.mul_(s).sum(-1, keepdim=True), slope
+
+
+def _beta_power(s, beta, family):
+    """s^beta for s >= 0, s overwritten."""
+    if family == "sparsemax":
         return s
-    if family.startswith("power"):  # an integer beta: multiplications only
+    if family == "entmax15":
+        return s.mul_(s)
+    return _support_power(s, beta, family).mul_(s)
+
+
+def _support_power(s, beta, family):
+    """s ** (beta - 1) for s >= 0, a new tensor, 0 where s is 0; for integer beta (power n)
+    multiplications only."""
+    if family.startswith("power"):
         return s ** (int(family.split()[1]) - 1)
     if not torch.compiler.is_compiling():
-        return s ** (beta - 1.0)  # op by op, one pass rather than three
+        return s ** (beta - 1.0)  # op by op, one pass (log(0) is slow op by op)
     # exp(log) rather than pow() for the compiler, which vectorises it; log(0) = -inf gives exactly 0.
     return torch.exp((beta - 1.0) * torch.log(s))
 

@@ -11,7 +11,8 @@ import torch
 from pladis_core import attention, cpu_rows, logs, weights
 from pladis_core.attention import chunked_attention, joint_residual, pladis_attention, pladis_residual, row_logsumexp
 from pladis_core.weights import pladis_weights
-from pladis_core.entmax import entmax, softmax
+from pladis_core.entmax import entmax, softmax, threshold_lower_bound
+from pladis_core.fused import family_of, fused_pladis_weights, newton_steps
 from reference import entmax_ref, joint_pladis_ref, logits_ref, pladis_ref
 
 PACK = Path(__file__).resolve().parent.parent
@@ -69,6 +70,47 @@ def test_masked_keys_get_zero_and_masked_rows_give_zeros(alpha):
 def test_entmax_refuses_alpha_outside_its_range():
     with pytest.raises(ValueError, match=r"\[1, 2\]"):
         entmax(randn(3, 4), 2.5)
+
+
+def shifted_logits(z, alpha):
+    """(alpha - 1)(z - max z), with 0 for the maximum of a fully masked row."""
+    top = z.amax(-1, keepdim=True)
+    return (alpha - 1) * (z - torch.where(torch.isfinite(top), top, 0.0))
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_the_lower_bound_is_at_or_below_the_threshold_and_near_it_on_flat_rows(alpha):
+    """tau from the entmax package's map: p_max = (0 - tau)^(1 / (alpha - 1)) at the top key."""
+    g = torch.Generator().manual_seed(0)
+    cases = {(keys, spread): torch.randn(64, keys, generator=g, dtype=torch.float64) * spread
+             for keys, spread in ((1, 1.0), (7, 1.0), (77, 0.5), (77, 4.0), (77, 30.0), (1000, 0.1), (4096, 0.3))}
+    far = torch.randn(64, 77, generator=g, dtype=torch.float64) * 0.1
+    far[:, 10:] -= 60.0  # 67 keys far below: a mean over every key would say no more than -1
+    masked = cases[(77, 0.5)].clone()
+    masked[:, 5:] = float("-inf")
+    masked[0] = float("-inf")
+    for name, z in [*cases.items(), ("far", far), ("masked", masked)]:
+        lower = threshold_lower_bound(shifted_logits(z, alpha), 1 / (alpha - 1))
+        tau = -entmax_ref(z, alpha).amax(-1, keepdim=True) ** (alpha - 1)
+        assert (lower <= tau + 1e-12).all() and (lower >= -1).all(), name
+        if name in ("far", (1000, 0.1)):  # within 30% of the gap between -1 and tau
+            assert ((tau - lower) / (tau + 1)).max() < 0.3, name
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_plain_torch_matches_the_entmax_package_for_every_family(residual):
+    """fused_pladis_weights op by op (PLADIS_COMPILE=0, or where nothing compiles), each row
+    settled by its fixed steps and extra block."""
+    z = torch.cat([logits_ref(*qkv(b=2, h=3, n=50, m=77, scale=spread, seed=i)[:2]).float() for i, spread in enumerate((0.5, 2.0, 8.0))])
+    z[0, 0, 3] = float("-inf")  # a fully masked row
+    z[1, 2, :, 10:20] = float("-inf")
+    for alpha in ALL_ALPHAS:
+        dense, sparse = entmax_ref(z, 1.0), entmax_ref(z, alpha)
+        for scale in (2.0, -1.0):
+            found, unsettled = fused_pladis_weights(z, torch.tensor(scale), torch.tensor(alpha), family_of(alpha), newton_steps(alpha), residual)
+            expected = scale * (sparse - dense) + (0 if residual else dense)
+            assert (found.double() - expected).abs().max() < 3e-6, (alpha, scale)
+            assert not unsettled.any()
 
 
 def qkv(b=2, h=3, n=40, m=77, d=16, dtype=torch.float32, scale=1.0, seed=0):
