@@ -17,16 +17,18 @@ import logging
 import torch
 
 from .logs import warn_once
-from .weights import pladis_weights
+from .weights import pladis_weights, row_kernel_serves
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # float32 (batch, heads, chunk, keys) buffers alive at once while one chunk is processed:
-# logits, dense map, entmax's shifted logits and Newton temporaries, the weights (measured:
-# up to 7.05 on the eager path, 2.8 compiled).
+# logits, the unnormalised softmax, entmax's shifted logits and Newton temporaries, the
+# weights (measured on the CPU: up to 5.1 op by op, 2.8 with the row kernel; 7.05 op by op
+# before 0.6.1), with room for the compiled kernels' own.
 _LIVE_LOGIT_BUFFERS = 8
 # The same for the log-sum-exp over all keys: logits, and exp's temporary.
 _LSE_LIVE_BUFFERS = 3
-# On the CPU, chunks whose logits fit in the cache run faster (measured best at 2-4 MiB).
+# On the CPU, chunks whose logits fit in the cache run faster: measured best at 4 MiB with the
+# row kernel, and at half that op by op, where every pass writes a chunk-sized buffer.
 CPU_CHUNK_LOGIT_BYTES = 4 * 2**20
 
 
@@ -162,7 +164,7 @@ def _row_chunks(q, keys, live_buffers, chunk_bytes):
     row_bytes = 4 * b * h * keys
     rows = chunk_bytes // (live_buffers * row_bytes)
     if q.device.type == "cpu":
-        rows = min(rows, CPU_CHUNK_LOGIT_BYTES // row_bytes)
+        rows = min(rows, CPU_CHUNK_LOGIT_BYTES // (row_bytes * (1 if row_kernel_serves() else 2)))
     rows = max(1, rows)
     return [slice(start, min(n, start + rows)) for start in range(0, n, rows)]
 

@@ -42,6 +42,10 @@ def cpu_pladis_weights(z, scale, alpha, family, residual):
     return w
 
 
+def cpu_kernel_built():
+    return _kernel() is not None
+
+
 def _kernel():
     if "kernel" not in _loaded:
         _loaded["kernel"] = _build()

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .cpu_rows import cpu_pladis_weights
+from .cpu_rows import cpu_kernel_built, cpu_pladis_weights
 from .entmax import entmax, softmax
 from .fused import family_of, fused_pladis_weights, newton_steps
 from .logs import warn_once
@@ -124,6 +124,11 @@ def settled_after():
         warn_once(f"PLADIS: {rows} rows of attention weights in a model evaluation needed more Newton steps than the fused "
                   f"kernel runs, so their entmax maps are approximate (rows of very many, nearly equal logits); "
                   f"please report the model and settings")
+
+
+def row_kernel_serves():
+    """Whether the CPU's weights come from the row kernel (built here on first use), not from fused.py."""
+    return acceleration_enabled() and cpu_kernel_built()
 
 
 def acceleration_enabled():

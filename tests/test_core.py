@@ -205,6 +205,16 @@ def test_chunks_cap_the_logits_and_do_not_change_the_result(chunk_bytes):
     assert (len(seen) == 1) == (chunk_bytes == 10**9)
 
 
+def test_cpu_chunks_are_half_as_large_op_by_op(monkeypatch):
+    """Op by op every pass writes a chunk-sized buffer, which stays in the cache at half the row kernel's chunk."""
+    q = qkv(b=2, h=3, n=64)[0]
+    monkeypatch.setattr(attention, "CPU_CHUNK_LOGIT_BYTES", 16 * 4 * 2 * 3 * 77)  # 16 rows of logits
+    rows = lambda: {chunk.stop - chunk.start for chunk in attention._row_chunks(q, 77, 8, 10**12)}  # noqa: E731
+    assert rows() == {16}
+    monkeypatch.setenv("PLADIS_COMPILE", "0")
+    assert rows() == {8}
+
+
 def test_softmax_of_fully_masked_row_is_zero():
     z = torch.full((2, 5), float("-inf"))
     assert torch.equal(softmax(z), torch.zeros(2, 5))
