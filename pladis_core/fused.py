@@ -68,7 +68,8 @@ def fused_pladis_weights(z, scale, alpha, family: str, steps: int, residual: boo
     s = (x - tau).clamp_min_(0)
     p = _beta_power(s, beta, family)
     del s, x
-    # dense + scale * (sparse - dense) = (1 - scale) dense + scale sparse, from the unnormalised maps.
+    # dense + scale (sparse - dense) = (1 - scale) dense + scale sparse (residual: without the first
+    # dense), from the unnormalised maps.
     keep = (-scale if residual else 1.0 - scale) / e_sum
     weights = e.mul_(keep).addcmul_(p, scale / p.sum(-1, keepdim=True).clamp_min(tiny))
     return weights.view(z.shape), unsettled.view(z.shape[:-1])
