@@ -11,7 +11,7 @@ import torch
 from pladis_core import attention, cpu_rows, logs, weights
 from pladis_core.attention import chunked_attention, joint_residual, pladis_attention, pladis_residual, row_logsumexp
 from pladis_core.weights import pladis_weights
-from pladis_core.entmax import entmax, softmax, threshold_lower_bound
+from pladis_core.entmax import _finite_max, entmax, softmax, threshold_lower_bound
 from pladis_core.fused import family_of, fused_pladis_weights, newton_steps
 from reference import entmax_ref, joint_pladis_ref, logits_ref, pladis_ref
 
@@ -72,12 +72,6 @@ def test_entmax_refuses_alpha_outside_its_range():
         entmax(randn(3, 4), 2.5)
 
 
-def shifted_logits(z, alpha):
-    """(alpha - 1)(z - max z), with 0 for the maximum of a fully masked row."""
-    top = z.amax(-1, keepdim=True)
-    return (alpha - 1) * (z - torch.where(torch.isfinite(top), top, 0.0))
-
-
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_the_lower_bound_is_at_or_below_the_threshold_and_near_it_on_flat_rows(alpha):
     """tau from the entmax package's map: p_max = (0 - tau)^(1 / (alpha - 1)) at the top key."""
@@ -90,7 +84,7 @@ def test_the_lower_bound_is_at_or_below_the_threshold_and_near_it_on_flat_rows(a
     masked[:, 5:] = float("-inf")
     masked[0] = float("-inf")
     for name, z in [*cases.items(), ("far", far), ("masked", masked)]:
-        lower = threshold_lower_bound(shifted_logits(z, alpha), 1 / (alpha - 1))
+        lower = threshold_lower_bound((alpha - 1) * (z - _finite_max(z, -1)), 1 / (alpha - 1))
         tau = -entmax_ref(z, alpha).amax(-1, keepdim=True) ** (alpha - 1)
         assert (lower <= tau + 1e-12).all() and (lower >= -1).all(), name
         if name in ("far", (1000, 0.1)):  # within 30% of the gap between -1 and tau
