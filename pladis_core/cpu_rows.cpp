@@ -3,8 +3,8 @@
 //     W = dense + scale * (entmax_alpha(z) - dense)      (residual: scale * (entmax_alpha(z) - dense))
 //
 // The Newton iteration of entmax.py, from the same lower bound, on one row at a time while it
-// sits in the cache. Newton from the left only raises tau, so a key that drops out of the support
-// never comes back: each step works on the keys still above tau alone, usually a few of 77.
+// sits in the cache. Newton from the left only raises tau, so a key below the lower bound never
+// enters the support: each step works on the keys above it alone, usually a few of 77.
 // torch.compile's C++ code instead runs each sum of the iteration as its own pass over every key
 // of every row of the chunk. Each row stops when its own tau stops moving, as in entmax.py, so
 // no row is left unsettled. cpu_rows.py builds this file with the machine's C++ compiler.
@@ -19,6 +19,9 @@ namespace {
 constexpr int MAX_NEWTON_STEPS = 50;  // as entmax.py
 constexpr float TINY = 1.17549435e-38f;
 constexpr int GENERAL = -1;  // alpha without an integer beta: s^(beta - 1) by exp2 and log2
+// Vector width of the loops below (8 floats in AVX registers): running maxima in as many lanes, and
+// the keys of Newton padded to a multiple of it, so that no loop ends in scalar steps.
+constexpr int LANES = 8;
 
 // log2(s) for s >= 1e-30, to double: its product with the exponent is rounded once, in exp2.
 inline double log2_positive(float s) {
@@ -37,16 +40,15 @@ inline double log2_positive(float s) {
   return static_cast<double>(k) + static_cast<double>(ln_m) * 1.4426950408889634;
 }
 
-// 2^(n + f) for an integer n and |f| <= 1/2: e^(f ln 2) by Taylor to f^7, exact to float, times
-// 2^n from its exponent bits; 0 below 2^-126.
+// 2^(n + f) for an integer n from -127 to 127 and |f| <= 1/2: e^(f ln 2) by Taylor to f^7, exact
+// to float, times 2^n from its exponent bits (n = -127 gives 0 bits: 0 below 2^-126).
 inline float exp2_parts(float n, float f) {
   f *= 0.693147181f;
   const float e_f = 1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720 + f * (1.f / 5040)))))));
-  const int32_t biased = static_cast<int32_t>(n) + 127;
-  const uint32_t bits = static_cast<uint32_t>(biased > 0 ? biased : 0) << 23;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
-  return n < -126.f ? 0.f : e_f * two_n;
+  return e_f * two_n;
 }
 
 // 2^y. Clamped first, so that -inf and large y convert to int defined.
@@ -87,13 +89,18 @@ inline float root(float a, float beta) {
   return a > 0.f ? v : 0.f;
 }
 
-// xs, at: scratch of keys entries for the x still above tau, and their keys.
+// xs, at: scratch of keys + LANES entries for the x above the lower bound, and of keys for their keys.
 template <int P>
 void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* xs, int64_t* at) {
   const float beta = 1.f / (alpha - 1.f), exponent = beta - 1.f;
-  float top = -INFINITY;
-#pragma omp simd reduction(max : top)
-  for (int64_t j = 0; j < keys; ++j) top = std::max(top, z[j]);
+  // One running maximum would be a chain of dependent instructions, which the compiler keeps scalar.
+  float lanes[LANES];
+  std::fill(lanes, lanes + LANES, -INFINITY);
+  int64_t tail = 0;
+  for (; tail + LANES <= keys; tail += LANES)
+    for (int l = 0; l < LANES; ++l) lanes[l] = std::max(lanes[l], z[tail + l]);
+  float top = *std::max_element(lanes, lanes + LANES);
+  for (; tail < keys; ++tail) top = std::max(top, z[tail]);
   if (top == -INFINITY) {  // every key masked: zeros
     std::fill(w, w + keys, 0.f);
     return;
@@ -118,32 +125,27 @@ void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool 
     at[live] = j;
     live += x > tau;
   }
-  // Newton on || [x - tau]_+ ||_beta = 1, from the left: it never overshoots (entmax.py).
+  std::fill(xs + live, xs + live + LANES, -INFINITY);  // padding, where s = 0
+  const int64_t padded = (live + LANES - 1) / LANES * LANES;
+  // Newton on || [x - tau]_+ ||_beta = 1, from the left: it never overshoots (entmax.py). The keys
+  // that fall below tau on the way count 0; dropping them would cost more than it saves.
   for (int step = 0; step < MAX_NEWTON_STEPS; ++step) {
     float mass = 0.f, slope = 0.f;
 #pragma omp simd reduction(+ : mass, slope)
-    for (int64_t i = 0; i < live; ++i) {
+    for (int64_t i = 0; i < padded; ++i) {
       const float s = std::max(xs[i] - tau, 0.f);
       const float s_pow = support_power<P>(s, exponent);
       mass += s_pow * s;
       slope += s_pow;
     }
     const float norm = root<P>(mass, beta);  // and norm^(beta - 1) = mass / norm: no power of it
-    const float moved = tau + std::max((norm - 1.f) * (mass / std::max(norm, TINY)) / std::max(slope, TINY), 0.f);
+    const float moved = tau + std::max((norm - 1.f) * mass / std::max(norm * slope, TINY), 0.f);
     if (!(moved > tau)) break;
     tau = moved;
-    int64_t kept = 0;
-    for (int64_t i = 0; i < live; ++i) {
-      const float x = xs[i];
-      xs[kept] = x;
-      at[kept] = at[i];
-      kept += x > tau;
-    }
-    live = kept;
   }
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < live; ++i) {
+  for (int64_t i = 0; i < padded; ++i) {
     const float s = std::max(xs[i] - tau, 0.f);
     xs[i] = support_power<P>(s, exponent) * s;
     sum += xs[i];
@@ -159,7 +161,7 @@ template <int P>
 void rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, bool residual, int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> xs(keys);
+    std::vector<float> xs(keys + LANES);
     std::vector<int64_t> at(keys);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < count; ++r) row<P>(z + r * keys, w + r * keys, keys, alpha, scale, residual, xs.data(), at.data());
