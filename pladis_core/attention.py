@@ -79,9 +79,9 @@ def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scal
     if found is not None:
         return found[1].float().unsqueeze(-1)
     out = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
-    kt = k.float().transpose(-1, -2)
+    kt = k.float().transpose(-1, -2)  # every key: not copied to be scaled
     for rows in _row_chunks(q, k.shape[-2], _LSE_LIVE_BUFFERS, chunk_bytes):
-        z = _logits(q[..., rows, :], kt, softmax_scale)
+        z = (q[..., rows, :].float() * _softmax_scale(q, softmax_scale)) @ kt
         if mask is not None:
             z = _apply_mask(z, _mask_rows(mask, rows, q.shape[-2]))
         out[..., rows, :] = torch.logsumexp(z, -1, keepdim=True)
@@ -143,19 +143,22 @@ def chunked_attention(q, k, v, weights, mask=None, chunk_bytes=DEFAULT_CHUNK_BYT
     mask: additive (-inf drops a key) or boolean (True keeps a key), broadcastable to
     (batch, heads, queries, keys).
     """
-    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    kt = k.float().transpose(-1, -2)
+    # Laid out as (batch, tokens, heads, dim), so that merge_heads is a view, not a copy.
+    out = torch.empty(*q.shape[:-3], q.shape[-2], q.shape[-3], v.shape[-1], dtype=q.dtype, device=q.device).transpose(-2, -3)
+    # These keys (text or cross-attention keys) are few: scaled once rather than each chunk of q,
+    # and contiguous, so that no chunk's matmul copies them (split_heads gives strided views).
+    kt = (k.float() * _softmax_scale(q, softmax_scale)).contiguous().transpose(-1, -2)
+    v = v.contiguous()
     for rows in _row_chunks(q, k.shape[-2], _LIVE_LOGIT_BUFFERS, chunk_bytes):
-        z = _logits(q[..., rows, :], kt, softmax_scale)
+        z = q[..., rows, :].float() @ kt
         if mask is not None:
             z = _apply_mask(z, _mask_rows(mask, rows, q.shape[-2]))
         out[..., rows, :] = weights(z, rows).to(v.dtype) @ v
     return out
 
 
-def _logits(q_rows, kt, softmax_scale):
-    """float32 q k^T * softmax_scale, scaling q rather than k: no copy of the keys."""
-    return (q_rows.float() * (softmax_scale if softmax_scale is not None else q_rows.shape[-1] ** -0.5)) @ kt
+def _softmax_scale(q, softmax_scale):
+    return softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
 
 
 def _row_chunks(q, keys, live_buffers, chunk_bytes):
