@@ -65,12 +65,11 @@ def _fused_weights(z, scale, alpha, residual):
         found = cpu_pladis_weights(z, scale, alpha, family, residual)  # None off the CPU
         if found is not None:
             return found, None
-    arguments = (z, _scalar(scale, z.dtype, z.device), _scalar(alpha, z.dtype, z.device), family, newton_steps(alpha), residual)
     fused = _fused_for(z.device)
     if fused is not None:
         try:
             graphs, started = _graphs_compiled(), time.perf_counter()
-            found = fused(*arguments)
+            found = fused(z, _scalar(scale, z.dtype, z.device), _scalar(alpha, z.dtype, z.device), family, newton_steps(alpha), residual)
             if _graphs_compiled() != graphs:  # this call compiled (or loaded from torch's cache) a graph
                 logging.info(f"PLADIS: compiled the fused entmax kernel for {z.device.type} (alpha {alpha}"
                              f"{', joint attention' if residual else ''}) in {time.perf_counter() - started:.1f} s")
@@ -83,7 +82,8 @@ def _fused_weights(z, scale, alpha, residual):
             else:
                 warn_once(f"PLADIS: the compiled kernel failed once on {z.device.type}; that call used plain torch, "
                            f"later ones use the compiled kernel again: {error}")
-    return fused_pladis_weights(*arguments)
+    # Op by op with Python numbers: as 0-d tensors, each scalar expression would be an op more.
+    return fused_pladis_weights(z, scale, alpha, family, newton_steps(alpha), residual)
 
 
 @functools.lru_cache(maxsize=64)
