@@ -207,7 +207,7 @@ def naive_port(q, k, v, alpha):
 
 
 def bench_layers(device, quick):
-    pladis_attention = pack_module("pladis_core.attention").pladis_attention
+    attention = pack_module("pladis_core.attention")
     optimized_attention = host_attention()
     repeats = 3 if quick else 7
     rows = []
@@ -216,7 +216,8 @@ def bench_layers(device, quick):
         heads = shape[1]
         merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
         for alpha in ALPHAS:
-            run = lambda: pladis_attention(q, k, v, SCALE, alpha)  # noqa: E731
+            # As the glue calls it (unet.py): the host's (batch, tokens, heads * dim) in and out, as the host's call.
+            run = lambda: attention.merge_heads(attention.pladis_attention(*attention.split_heads(heads, *merged), SCALE, alpha))  # noqa: E731
             found = median_times({
                 "host": lambda: optimized_attention(*merged, heads), "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                 "compiled": with_compile(True, run), "plain": with_compile(False, run),
