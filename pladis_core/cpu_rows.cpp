@@ -13,6 +13,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef __AVX512VL__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -89,9 +92,35 @@ inline float root(float a, float beta) {
   return a > 0.f ? v : 0.f;
 }
 
+// The keys whose x = (alpha - 1)(z - top) is above tau: x into xs and the key into at, in order.
+// Returns how many. Without branches: a mispredicted one per key costs more than the rest.
+inline int64_t keys_above(const float* z, int64_t keys, float alpha, float top, float tau, float* xs, int32_t* at) {
+  int64_t live = 0, j = 0;
+#ifdef __AVX512VL__
+  // 8 keys at a time, compressed into place: a store of 8 from live never passes key j + 8.
+  const __m256 lift = _mm256_set1_ps(alpha - 1.f), shift = _mm256_set1_ps(top), bound = _mm256_set1_ps(tau);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (; j + 8 <= keys; j += 8) {
+    const __m256 x = _mm256_mul_ps(lift, _mm256_sub_ps(_mm256_loadu_ps(z + j), shift));
+    const __mmask8 kept = _mm256_cmp_ps_mask(x, bound, _CMP_GT_OQ);
+    _mm256_storeu_ps(xs + live, _mm256_maskz_compress_ps(kept, x));
+    const __m256i key = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(j)), lane);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(at + live), _mm256_maskz_compress_epi32(kept, key));
+    live += __builtin_popcount(kept);
+  }
+#endif
+  for (; j < keys; ++j) {
+    const float x = (alpha - 1.f) * (z[j] - top);
+    xs[live] = x;
+    at[live] = static_cast<int32_t>(j);
+    live += x > tau;
+  }
+  return live;
+}
+
 // xs, at: scratch of keys + LANES entries for the x above the lower bound, and of keys for their keys.
 template <int P>
-void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* xs, int64_t* at) {
+void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* xs, int32_t* at) {
   const float beta = 1.f / (alpha - 1.f), exponent = beta - 1.f;
   // One running maximum would be a chain of dependent instructions, which the compiler keeps scalar.
   float lanes[LANES];
@@ -118,13 +147,7 @@ void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool 
   }
   // mean(x) - d^(-1/beta) over those d keys (the maximum among them), or -1.
   float tau = std::max(above / inside - 1.f - 1.f / root<P>(inside, beta), -1.f);
-  int64_t live = 0;
-  for (int64_t j = 0; j < keys; ++j) {  // without branches: a mispredicted one per key costs more than the rest
-    const float x = (alpha - 1.f) * (z[j] - top);
-    xs[live] = x;
-    at[live] = j;
-    live += x > tau;
-  }
+  const int64_t live = keys_above(z, keys, alpha, top, tau, xs, at);
   std::fill(xs + live, xs + live + LANES, -INFINITY);  // padding, where s = 0
   const int64_t padded = (live + LANES - 1) / LANES * LANES;
   // Newton on || [x - tau]_+ ||_beta = 1, from the left: it never overshoots (entmax.py). The keys
@@ -162,7 +185,7 @@ void rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, fl
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> xs(keys + LANES);
-    std::vector<int64_t> at(keys);
+    std::vector<int32_t> at(keys);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < count; ++r) row<P>(z + r * keys, w + r * keys, keys, alpha, scale, residual, xs.data(), at.data());
   }

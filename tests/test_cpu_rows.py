@@ -1,6 +1,7 @@
 """The CPU's row kernel (pladis_core/cpu_rows.cpp) against the entmax package in float64, its
 build and cache, and the fallback where it cannot be built."""
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -42,6 +43,21 @@ def test_the_kernel_matches_the_entmax_package(alpha, keys, spread):
             found = cpu_rows.cpu_pladis_weights(z, scale, alpha, family_of(alpha), residual)
             assert found is not None, "the row kernel did not build here"
             assert (found.double() - weights_ref(z, scale, alpha, residual)).abs().max() < 2e-6, (residual, scale)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 compiler flag")
+def test_the_kernel_built_without_avx512_matches_too(monkeypatch, tmp_path):
+    """Most desktop CPUs and every ARM one have no AVX-512: there the keys above the bound are
+    gathered by the kernel's scalar loop, not compressed 8 at a time."""
+    monkeypatch.setattr(cpu_rows, "FLAGS", cpu_rows.FLAGS + ("-mno-avx512f",))
+    monkeypatch.setattr(cpu_rows, "_loaded", {})
+    monkeypatch.setenv("PLADIS_CACHE_DIR", str(tmp_path))
+    for alpha in (2.0, 1.5, 1.25, 1.75):
+        for keys, spread in ((77, 3.0), (300, 8.0)):
+            z = logits(40, keys, spread)
+            found = cpu_rows.cpu_pladis_weights(z, 2.0, alpha, family_of(alpha), False)
+            assert found is not None, "the row kernel did not build here"
+            assert (found.double() - weights_ref(z, 2.0, alpha, False)).abs().max() < 2e-6, (alpha, keys)
 
 
 def test_it_serves_every_alpha_on_the_cpu(monkeypatch):
