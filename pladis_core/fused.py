@@ -45,8 +45,8 @@ def fused_pladis_weights(z, scale, alpha, family: str, steps: int, residual: boo
 
     weights: softmax + scale * (entmax - softmax), or with residual only scale * (entmax - softmax).
     unsettled: bool, z's shape without its last dimension: rows whose tau may still be off.
-    scale and alpha are 0-d tensors: with Python floats torch.compile (2.14) reused a graph
-    built for one alpha for another and returned wrong maps.
+    scale and alpha are 0-d tensors for torch.compile (with Python floats, torch.compile 2.14
+    reused a graph built for one alpha for another and returned wrong maps), Python numbers op by op.
     Op by op (plain torch) every pass over the chunk counts: few new buffers, freed early (the
     peak stays within the chunk budget), and the softmax normalised only in the final addcmul.
     The shifted logits x stay out of place: mutated, torch.compile's CPU code ran 10% slower.
