@@ -47,7 +47,7 @@ def test_the_kernel_matches_the_entmax_package(alpha, keys, spread):
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="an x86 compiler flag")
 def test_the_kernel_built_without_avx512_matches_too(monkeypatch, tmp_path):
-    """Most desktop CPUs and every ARM one have no AVX-512: there the keys above the bound are
+    """Many desktop CPUs and every ARM one have no AVX-512: there the keys above the bound are
     gathered by the kernel's scalar loop, not compressed 8 at a time."""
     monkeypatch.setattr(cpu_rows, "FLAGS", cpu_rows.FLAGS + ("-mno-avx512f",))
     monkeypatch.setattr(cpu_rows, "_loaded", {})
