@@ -23,8 +23,9 @@ SOURCE = Path(__file__).with_name("cpu_rows.cpp")
 # -fno-trapping-math lets the compiler vectorise the selects of exp2 and log2 (no code here reads
 # floating-point exception flags).
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
-# The kernel's power for each fused.py family: beta - 1 where beta is an integer, else -1.
-POWERS = {"sparsemax": 0, "entmax15": 1, **{f"power {n}": n - 1 for n in range(3, 11)}, "general": -1}
+# The kernel's power for each fused.py family: beta - 1 where beta is an integer, -2 for the cube
+# root, else -1.
+POWERS = {"sparsemax": 0, "entmax15": 1, **{f"power {n}": n - 1 for n in range(3, 11)}, "cube root": -2, "general": -1}
 
 _loaded = {}  # "kernel": the C function, or None where it could not be built (once per process)
 

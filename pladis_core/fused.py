@@ -31,11 +31,14 @@ def newton_steps(alpha):
 
 def family_of(alpha):
     """Lets alpha 2 ("sparsemax"), 1.5 ("entmax15") and every alpha = 1 + 1/n ("power n": 1.25,
-    1.2, ..., where s^(beta - 1) is s^(n - 1)) avoid transcendental functions per logit."""
+    1.2, ..., where s^(beta - 1) is s^(n - 1)) avoid transcendental functions per logit, and
+    alpha 1.75 ("cube root": s^(1/3)) take the row kernel's cube root; here it is "general"."""
     if alpha == 2.0:
         return "sparsemax"
     if alpha == 1.5:
         return "entmax15"
+    if alpha == 1.75:
+        return "cube root"
     beta = 1.0 / (alpha - 1.0)
     return f"power {round(beta)}" if 3 <= round(beta) <= 10 and abs(beta - round(beta)) < 1e-9 else "general"
 

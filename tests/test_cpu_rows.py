@@ -17,8 +17,8 @@ from reference import entmax_ref
 
 PACK = Path(__file__).resolve().parent.parent
 # Every power beta - 1 the kernel has: 0 (sparsemax), 1 (entmax15), 2 to 9 (3 and 7 take their
-# roots by square roots), and alphas of no integer beta (its own exp2 and log2), from near softmax
-# to near sparsemax.
+# roots by square roots), 1/3 (alpha 1.75, its cube root), and alphas of no integer beta (its own
+# exp2 and log2), from near softmax to near sparsemax.
 KERNEL_ALPHAS = [2.0, 1.5, 1 + 1 / 3, 1.25, 1.2, 1 + 1 / 6, 1 + 1 / 7, 1.125, 1 + 1 / 9, 1.1, 1.05, 1.35, 1.55, 1.75, 1.95]
 
 
