@@ -206,6 +206,11 @@ def naive_port(q, k, v, alpha):
     return (dense + SCALE * (sparse - dense)) @ v
 
 
+def glue_call(attention, merged, heads, alpha):
+    """PLADIS as the glue calls it (unet.py): the host's (batch, tokens, heads * dim) in and out, as the host's call."""
+    return attention.merge_heads(attention.pladis_attention(*attention.split_heads(heads, *merged), SCALE, alpha))
+
+
 def bench_layers(device, quick):
     attention = pack_module("pladis_core.attention")
     optimized_attention = host_attention()
@@ -216,8 +221,7 @@ def bench_layers(device, quick):
         heads = shape[1]
         merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
         for alpha in ALPHAS:
-            # As the glue calls it (unet.py): the host's (batch, tokens, heads * dim) in and out, as the host's call.
-            run = lambda: attention.merge_heads(attention.pladis_attention(*attention.split_heads(heads, *merged), SCALE, alpha))  # noqa: E731
+            run = lambda: glue_call(attention, merged, heads, alpha)  # noqa: E731
             found = median_times({
                 "host": lambda: optimized_attention(*merged, heads), "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                 "compiled": with_compile(True, run), "plain": with_compile(False, run),
@@ -306,8 +310,8 @@ if {root!r}:
 MEMORY_PROBE = """
 import os, sys, torch
 sys.path.append({pack!r})
-from bench.run import host_attention, inputs, joint_call, joint_inputs, pack_module
-pladis_attention = pack_module("pladis_core.attention").pladis_attention
+from bench.run import glue_call, host_attention, inputs, joint_call, joint_inputs, pack_module
+attention = pack_module("pladis_core.attention")
 optimized_attention = host_attention()
 device = torch.device({device!r})
 if {joint!r}:
@@ -318,8 +322,8 @@ else:
     q, k, v = inputs({shape!r}, device)
     heads = {shape!r}[1]
     merged = [t.transpose(1, 2).flatten(-2) for t in (q, k, v)]
-    call = (lambda: optimized_attention(*merged, heads)) if {method!r} == "dense" else (lambda: pladis_attention(q, k, v, 2.0, 1.5))
-    pladis_attention(q[..., :8, :], k, v, 2.0, 1.5)  # compile outside the measurement
+    call = (lambda: optimized_attention(*merged, heads)) if {method!r} == "dense" else (lambda: glue_call(attention, merged, heads, 1.5))
+    glue_call(attention, [merged[0][:, :8]] + merged[1:], heads, 1.5)  # compile outside the measurement
 if device.type == "cuda":
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
     out = call(); torch.cuda.synchronize()
