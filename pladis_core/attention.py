@@ -55,17 +55,10 @@ def joint_residual(q, k, v, text, scale, alpha, mask=None, chunk_bytes=DEFAULT_C
         row_lse = row_logsumexp(q, k, mask, chunk_bytes, softmax_scale)
     if mask is not None and mask.shape[-1] == k.shape[-2]:
         mask = mask[..., text]
-    text_weights = lambda z, rows: _joint_weights(z, row_lse[..., rows, :], scale, alpha)  # noqa: E731
+    text_weights = lambda z, rows: pladis_weights(z, scale, alpha, residual=True, row_lse=row_lse[..., rows, :])  # noqa: E731
     # Contiguous once, rather than copied by every chunk's matmul.
     k_text, v_text = (t[..., text, :].contiguous() for t in (k, v))
     return chunked_attention(q, k_text, v_text, text_weights, mask, chunk_bytes, softmax_scale)
-
-
-def _joint_weights(z_text, row_lse, scale, alpha):
-    log_mass = torch.logsumexp(z_text, -1, keepdim=True) - row_lse
-    # A row without a visible text key has no mass there (and -inf - -inf would be nan).
-    mass = torch.where(torch.isfinite(log_mass), log_mass.exp(), 0.0)
-    return pladis_weights(z_text, scale, alpha, residual=True).mul_(mass)  # a new tensor: in place saves a copy
 
 
 def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scale=None):

@@ -2,6 +2,10 @@
 //
 //     W = dense + scale * (entmax_alpha(z) - dense)      (residual: scale * (entmax_alpha(z) - dense))
 //
+// For joint attention, where z holds a row's text keys alone, the row is then scaled by its dense
+// mass on them, exp(logsumexp(z) - the row's log-sum-exp over every key): from the softmax's own
+// maximum and sum, rather than a pass of logsumexp and one of a product over the weights.
+//
 // The Newton iteration of entmax.py, from the same lower bound, on one row at a time while it
 // sits in the cache. Newton from the left only raises tau, so a key below the lower bound never
 // enters the support: each step works on the keys above it alone, usually a few of 77.
@@ -132,8 +136,10 @@ inline int64_t keys_above(const float* z, int64_t keys, float alpha, float top, 
 }
 
 // xs, at: scratch of keys + LANES entries for the x above the lower bound, and of keys for their keys.
+// lse: the row's log-sum-exp over every key of joint attention, or null.
 template <int P>
-void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, float* xs, int32_t* at) {
+void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool residual, const float* lse, float* xs,
+         int32_t* at) {
   const float beta = 1.f / (alpha - 1.f), exponent = beta - 1.f;
   // One running maximum would be a chain of dependent instructions, which the compiler keeps scalar.
   float lanes[LANES];
@@ -186,43 +192,49 @@ void row(const float* z, float* w, int64_t keys, float alpha, float scale, bool 
     xs[i] = support_power<P>(s, exponent) * s;
     sum += xs[i];
   }
+  // A row that sees no text key has no mass there (and -inf - -inf would be nan).
+  const float log_mass = lse ? top + std::log(dense_sum) - *lse : 0.f;
+  const float mass = std::isfinite(log_mass) ? std::exp(log_mass) : 0.f;
   // dense + scale * (sparse - dense): (1 - scale) dense everywhere, then scale * sparse on the support.
-  const float keep = (residual ? -scale : 1.f - scale) / dense_sum, add = scale / std::max(sum, TINY);
+  const float keep = mass * (residual ? -scale : 1.f - scale) / dense_sum, add = mass * scale / std::max(sum, TINY);
 #pragma omp simd
   for (int64_t j = 0; j < keys; ++j) w[j] *= keep;
   for (int64_t i = 0; i < live; ++i) w[at[i]] += add * xs[i];
 }
 
 template <int P>
-void rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, bool residual, int threads) {
+void rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, bool residual, const float* lse,
+          int threads) {
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> xs(keys + LANES);
     std::vector<int32_t> at(keys);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < count; ++r) row<P>(z + r * keys, w + r * keys, keys, alpha, scale, residual, xs.data(), at.data());
+    for (int64_t r = 0; r < count; ++r)
+      row<P>(z + r * keys, w + r * keys, keys, alpha, scale, residual, lse ? lse + r : nullptr, xs.data(), at.data());
   }
 }
 
 }  // namespace
 
-// z: float32 logits, count rows of keys, contiguous; w: the weights, in the same layout.
+// z: float32 logits, count rows of keys, contiguous; w: the weights, in the same layout; lse: null, or
+// count float32 log-sum-exps of joint attention's rows.
 // power = beta - 1 = 1 / (alpha - 1) - 1 where that is an integer from 0 (sparsemax) to 9, -2 at
 // alpha 1.75, else -1 (cpu_rows.POWERS).
 extern "C" void pladis_rows(const float* z, float* w, int64_t count, int64_t keys, float alpha, float scale, int power,
-                            bool residual, int threads) {
+                            bool residual, const float* lse, int threads) {
   switch (power) {
-    case 0: return rows<0>(z, w, count, keys, alpha, scale, residual, threads);
-    case 1: return rows<1>(z, w, count, keys, alpha, scale, residual, threads);
-    case 2: return rows<2>(z, w, count, keys, alpha, scale, residual, threads);
-    case 3: return rows<3>(z, w, count, keys, alpha, scale, residual, threads);
-    case 4: return rows<4>(z, w, count, keys, alpha, scale, residual, threads);
-    case 5: return rows<5>(z, w, count, keys, alpha, scale, residual, threads);
-    case 6: return rows<6>(z, w, count, keys, alpha, scale, residual, threads);
-    case 7: return rows<7>(z, w, count, keys, alpha, scale, residual, threads);
-    case 8: return rows<8>(z, w, count, keys, alpha, scale, residual, threads);
-    case 9: return rows<9>(z, w, count, keys, alpha, scale, residual, threads);
-    case CUBE_ROOT: return rows<CUBE_ROOT>(z, w, count, keys, alpha, scale, residual, threads);
-    default: return rows<GENERAL>(z, w, count, keys, alpha, scale, residual, threads);
+    case 0: return rows<0>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 1: return rows<1>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 2: return rows<2>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 3: return rows<3>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 4: return rows<4>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 5: return rows<5>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 6: return rows<6>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 7: return rows<7>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 8: return rows<8>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case 9: return rows<9>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    case CUBE_ROOT: return rows<CUBE_ROOT>(z, w, count, keys, alpha, scale, residual, lse, threads);
+    default: return rows<GENERAL>(z, w, count, keys, alpha, scale, residual, lse, threads);
   }
 }

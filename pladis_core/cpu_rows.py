@@ -30,16 +30,19 @@ POWERS = {"sparsemax": 0, "entmax15": 1, **{f"power {n}": n - 1 for n in range(3
 _loaded = {}  # "kernel": the C function, or None where it could not be built (once per process)
 
 
-def cpu_pladis_weights(z, scale, alpha, family, residual):
-    """The PLADIS weights of float32 logits z on the CPU, or None where this kernel does not serve."""
+def cpu_pladis_weights(z, scale, alpha, family, residual, row_lse=None):
+    """The PLADIS weights of float32 logits z on the CPU, or None where this kernel does not serve.
+    row_lse (joint attention, float32, z's shape with 1 keys): each row's weights are scaled by its
+    dense mass on z's keys, exp(logsumexp(z) - row_lse)."""
     kernel = _kernel() if z.dtype == torch.float32 and z.device.type == "cpu" else None  # it reads float32 memory
     if kernel is None:
         return None
     z = z.contiguous()
+    lse = None if row_lse is None else row_lse.float().expand(*z.shape[:-1], 1).contiguous()
     w = torch.empty_like(z)
     if z.numel():
         kernel(z.data_ptr(), w.data_ptr(), z.numel() // z.shape[-1], z.shape[-1], alpha, scale, POWERS[family], residual,
-               torch.get_num_threads())
+               None if lse is None else lse.data_ptr(), torch.get_num_threads())
     return w
 
 
@@ -74,7 +77,7 @@ def _build():
                         f"serves instead (slower): {getattr(error, 'stderr', None) or error}")
         return None
     function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
-                         ctypes.c_int, ctypes.c_bool, ctypes.c_int)
+                         ctypes.c_int, ctypes.c_bool, ctypes.c_void_p, ctypes.c_int)
     function.restype = None
     return function
 

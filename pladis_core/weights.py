@@ -42,27 +42,38 @@ def eager_pladis_weights(z, scale, alpha, residual=False):
     return scale * (entmax(z, alpha) - dense) if residual else torch.lerp(dense, entmax(z, alpha), scale)
 
 
-def pladis_weights(z, scale, alpha, residual=False):
-    """The weights of float32 logits z over the last dimension (no entmax work at scale 0)."""
+def pladis_weights(z, scale, alpha, residual=False, row_lse=None):
+    """The weights of float32 logits z over the last dimension (no entmax work at scale 0).
+
+    row_lse: for joint attention, where z holds a row's text keys alone, the row's log-sum-exp
+    over every key (float32, (..., 1)); each row is then scaled by its dense mass on z's keys.
+    """
     if scale == 0 or alpha == 1.0:
-        return eager_pladis_weights(z, scale, alpha, residual)
-    weights, unsettled = _fused_weights(z, scale, alpha, residual)
-    if unsettled is None:
-        return weights
-    left_over = _LEFT_OVER.get(None)
-    if left_over is not None:
-        left_over.add(unsettled)
-    elif bool(unsettled.any()):  # outside a model evaluation: exact at once
-        weights[unsettled] = eager_pladis_weights(z[unsettled], scale, alpha, residual)
-    return weights
+        weights = eager_pladis_weights(z, scale, alpha, residual)
+    else:
+        weights, unsettled = _fused_weights(z, scale, alpha, residual, row_lse)
+        if unsettled is None:
+            return weights
+        left_over = _LEFT_OVER.get(None)
+        if left_over is not None:
+            left_over.add(unsettled)
+        elif bool(unsettled.any()):  # outside a model evaluation: exact at once
+            weights[unsettled] = eager_pladis_weights(z[unsettled], scale, alpha, residual)
+    return weights if row_lse is None else weights.mul_(dense_mass(z, row_lse))  # a new tensor: in place saves a copy
 
 
-def _fused_weights(z, scale, alpha, residual):
-    """(weights, unsettled rows or None where the kernel runs every row to the end):
-    the CPU's row kernel, else fused_pladis_weights, compiled where that works."""
+def dense_mass(z, row_lse):
+    """exp(logsumexp(z) - row_lse) per row; 0 for a row that sees none of z's keys (-inf - -inf would be nan)."""
+    log_mass = torch.logsumexp(z, -1, keepdim=True) - row_lse
+    return torch.where(torch.isfinite(log_mass), log_mass.exp(), 0.0)
+
+
+def _fused_weights(z, scale, alpha, residual, row_lse):
+    """(weights, unsettled rows) from fused_pladis_weights, compiled where that works; or from the
+    CPU's row kernel (weights scaled by the mass of row_lse already, None: it settles every row)."""
     family = family_of(alpha)
     if acceleration_enabled():
-        found = cpu_pladis_weights(z, scale, alpha, family, residual)  # None off the CPU
+        found = cpu_pladis_weights(z, scale, alpha, family, residual, row_lse)  # None off the CPU
         if found is not None:
             return found, None
     fused = _fused_for(z.device)

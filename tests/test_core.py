@@ -383,6 +383,16 @@ def lse_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["row kernel", "plain torch"])
+def weights_path(request, monkeypatch):
+    """Both ways to a joint row's text mass: the row kernel's own softmax, and a logsumexp pass."""
+    if request.param == "plain torch":
+        monkeypatch.setenv("PLADIS_COMPILE", "0")
+    else:
+        assert weights.row_kernel_serves()
+    return request.param
+
+
 @pytest.mark.parametrize("kind", [None, "bool", "additive"])
 def test_row_logsumexp_matches_float64(lse_path, kind):
     q, k, _ = joint_qkv()
@@ -429,7 +439,7 @@ def test_row_logsumexp_takes_the_softmax_scale(lse_path, softmax_scale):
 
 @pytest.mark.parametrize("scale", [0.0, 1.0, 2.0, -1.0])
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
-def test_joint_correction_matches_the_joint_weights_in_float64(lse_path, scale, alpha):
+def test_joint_correction_matches_the_joint_weights_in_float64(lse_path, weights_path, scale, alpha):
     q, k, v = joint_qkv()
     ref = joint_pladis_ref(q, k, v, slice(0, 20), scale, alpha)
     assert (joint_out(q, k, v, 20, scale, alpha) - ref).abs().max() < 1e-5 * (1 + abs(scale))
@@ -447,7 +457,7 @@ def test_joint_weights_keep_each_row_summing_to_one_and_text_rows_dense():
 
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_joint_correction_honours_a_text_padding_mask(lse_path, kind):
+def test_joint_correction_honours_a_text_padding_mask(lse_path, weights_path, kind):
     q, k, v = joint_qkv()
     keep = torch.ones(2, 1, 1, 56, dtype=torch.bool)
     keep[0, ..., 15:20] = False  # padded text tokens of the first sample
