@@ -72,9 +72,9 @@ def row_logsumexp(q, k, mask=None, chunk_bytes=DEFAULT_CHUNK_BYTES, softmax_scal
     if found is not None:
         return found[1].float().unsqueeze(-1)
     out = torch.empty(*q.shape[:-1], 1, dtype=torch.float32, device=q.device)
-    kt = k.float().transpose(-1, -2)  # every key: not copied to be scaled
+    kt, scale = k.float().transpose(-1, -2), _softmax_scale(q, softmax_scale)  # every key: not copied to be scaled
     for rows in _row_chunks(q, k.shape[-2], _LSE_LIVE_BUFFERS, chunk_bytes):
-        z = (q[..., rows, :].float() * _softmax_scale(q, softmax_scale)) @ kt
+        z = (q[..., rows, :].float() * scale) @ kt
         if mask is not None:
             z = _apply_mask(z, _mask_rows(mask, rows, q.shape[-2]))
         out[..., rows, :] = torch.logsumexp(z, -1, keepdim=True)
