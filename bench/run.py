@@ -42,7 +42,7 @@ ALPHAS = (1.5, 2.0, 1.25, 1.75)
 SCALE = 2.0
 # End to end: full-width architectures with random weights at their native resolution; on a
 # CPU (minutes per SDXL step) fewer steps and runs. (size, steps, interleaved runs) per device.
-E2E = {"sd15": {"cpu": (512, 2, 3), "cuda": (512, 20, 5)}, "sdxl": {"cpu": (1024, 1, 1), "cuda": (1024, 20, 5)}}
+E2E = {"sd15": {"cpu": (512, 2, 3), "cuda": (512, 20, 5)}, "sdxl": {"cpu": (1024, 1, 3), "cuda": (1024, 20, 5)}}
 # TGATE: the papers' setting, 25 steps, at a size a CPU runs in minutes.
 TGATE_SIZES = {"sd15": {"cpu": 256, "cuda": 512}, "sdxl": {"cpu": 256, "cuda": 1024}}
 # A Flux dev step at full width with one double and one single block (a random-weight 12B model
