@@ -69,9 +69,10 @@ inline float exp2_of(float y) {
 }
 
 // s^(1/3) for s >= 1e-30: from the exponent bits divided by 3 (within 4%), two steps of Halley's
-// iteration, each cubing the error, make it exact to float. Half the time of exp2 and log2.
+// iteration, each cubing the error, make it exact to float. With it rows at alpha 1.75 take 0.5-0.7x
+// the time they take with exp2 and log2.
 inline float cube_root(float s) {
-  uint32_t bits;  // unsigned: with int32_t, gcc 12's code for this function ran 1.5x slower
+  uint32_t bits;  // unsigned: with int32_t, gcc 12's code made rows at alpha 1.75 1.5x slower
   std::memcpy(&bits, &s, sizeof bits);
   bits = static_cast<uint32_t>(static_cast<float>(bits) * (1.f / 3)) + 0x2a51067fu;
   float y;
