@@ -191,7 +191,9 @@ def test_chunks_cap_the_logits_and_do_not_change_the_result(chunk_bytes):
         return pladis_weights(z, 2.0, 1.5)
 
     out = chunked_attention(q, k, v, weights, chunk_bytes=chunk_bytes)
-    assert torch.allclose(out, pladis_attention(q, k, v, 2.0, 1.5), atol=1e-5)
+    # Against float64, as one chunk is: chunks change only the float32 rounding of the matmuls,
+    # which moved outputs of up to 9.7 by 1.4e-5 from one chunk's on an AMD EPYC.
+    assert (out.double() - pladis_ref(q, k, v, 2.0, 1.5)).abs().max() < 3e-5
     assert sum(shape[-2] for shape in seen) == 300
     # The float32 buffers alive for one chunk stay within the budget (one query row at least).
     biggest = max(s[0] * s[1] * s[2] * s[3] for s in seen) * 4 * attention._LIVE_LOGIT_BUFFERS
