@@ -12,7 +12,7 @@ from pladis_core import attention, cpu_rows, logs, weights
 from pladis_core.attention import chunked_attention, joint_residual, pladis_attention, pladis_residual, row_logsumexp
 from pladis_core.weights import pladis_weights
 from pladis_core.entmax import _finite_max, entmax, softmax, threshold_lower_bound
-from pladis_core.fused import family_of, fused_pladis_weights, newton_steps
+from pladis_core.fused import cube_root, family_of, fused_pladis_weights, newton_steps
 from reference import entmax_ref, joint_pladis_ref, logits_ref, pladis_ref
 
 PACK = Path(__file__).resolve().parent.parent
@@ -105,6 +105,15 @@ def test_plain_torch_matches_the_entmax_package_for_every_family(residual):
             expected = scale * (sparse - dense) + (0 if residual else dense)
             assert (found.double() - expected).abs().max() < 3e-6, (alpha, scale)
             assert not unsettled.any()
+
+
+def test_plain_torch_cube_root_is_float32_exact_on_the_unit_interval():
+    """alpha 1.75 op by op on the CPU: s^(1/3) of the clamped shifted logits, 0 <= s <= 1."""
+    s = torch.cat([torch.rand(100_000, generator=torch.Generator().manual_seed(0)),
+                   torch.logspace(-37, 0, 1000), torch.tensor([0.0, 1.0])])
+    found, exact = cube_root(s).double(), s.double() ** (1 / 3)
+    assert ((found - exact).abs() / exact)[s > 0].max() < 3e-7
+    assert found[-2] < 1e-12  # 0: about 1e-13, below float32's resolution next to any key in the support
 
 
 def qkv(b=2, h=3, n=40, m=77, d=16, dtype=torch.float32, scale=1.0, seed=0):
@@ -229,17 +238,18 @@ def peak_allocated_bytes(fn):
     return peak
 
 
+@pytest.mark.parametrize("alpha", [1.5, 1.75])  # 1.75 op by op: the cube root's buffers
 @pytest.mark.parametrize("compiled", [True, False])
-def test_peak_memory_stays_within_the_chunk_budget(monkeypatch, compiled):
+def test_peak_memory_stays_within_the_chunk_budget(monkeypatch, compiled, alpha):
     monkeypatch.setenv("PLADIS_COMPILE", "1" if compiled else "0")
     monkeypatch.setattr(attention, "CPU_CHUNK_LOGIT_BYTES", 10**12)  # only the memory budget chunks
     q, k, v = qkv(b=2, h=10, n=2048, m=77, d=64)
     logits = 2 * 10 * 2048 * 77 * 4
     fixed = q.numel() * 4 + k.numel() * 4  # the output, and k in float32 for the logits
-    unchunked = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, 1.5, chunk_bytes=10**12)) - fixed
+    unchunked = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, alpha, chunk_bytes=10**12)) - fixed
     assert unchunked > 2 * logits  # several logit-sized buffers live at once without chunks
     for budget in (2 * 2**20, 8 * 2**20):
-        extra = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, 1.5, chunk_bytes=budget)) - fixed
+        extra = peak_allocated_bytes(lambda: pladis_attention(q, k, v, 2.0, alpha, chunk_bytes=budget)) - fixed
         assert extra <= budget
 
 
