@@ -22,8 +22,8 @@ from .weights import pladis_weights, row_kernel_serves
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 # float32 (batch, heads, chunk, keys) buffers alive at once while one chunk is processed:
 # logits, the unnormalised softmax, entmax's shifted logits and Newton temporaries, the
-# weights (measured on the CPU: up to 7.1 op by op, at alpha 1.75; 2.8 with the row kernel),
-# with room for the compiled kernels' own.
+# weights (measured on the CPU: up to 6.1 op by op, 2.8 with the row kernel), with room for
+# the compiled kernels' own.
 _LIVE_LOGIT_BUFFERS = 8
 # The same for the log-sum-exp over all keys: logits, and exp's temporary.
 _LSE_LIVE_BUFFERS = 3

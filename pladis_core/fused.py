@@ -137,9 +137,10 @@ def cube_root(s):
     then three Newton steps (float32's precision). 0 and subnormal s give about 1e-13: below
     float32's resolution in the Newton sums, and times s in the map."""
     y = (s.view(torch.int32) * (1 / 3)).add_(_CUBE_ROOT_BITS).to(torch.int32).view(torch.float32)
+    q = torch.empty_like(s)  # one buffer for every step's s / y^2 (a new one each step held two at once)
     for _ in range(3):
-        q = y * y
-        y.add_(torch.div(s, q, out=q), alpha=0.5).mul_(2 / 3)  # y - (y^3 - s) / (3 y^2); q in place: one buffer less
+        torch.div(s, torch.mul(y, y, out=q), out=q)
+        y.add_(q, alpha=0.5).mul_(2 / 3)  # y - (y^3 - s) / (3 y^2)
     return y
 
 
